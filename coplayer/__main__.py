@@ -1,0 +1,3 @@
+from coplayer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Note data: the note table, MIDI files, corpora and splits."""

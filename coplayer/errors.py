@@ -1,0 +1,34 @@
+"""Errors a user can act on.
+
+Each class also inherits a built-in exception, so callers that do not know
+coplayer can still catch ``ValueError`` or ``OSError`` (python-rtmidi style).
+The CLI prints ``str(error)`` as one line; ``--verbose`` adds the traceback.
+"""
+
+
+class CoplayerError(Exception):
+    """Base class of every error coplayer reports to its user."""
+
+
+class ConfigError(CoplayerError, ValueError):
+    """The configuration file or a command-line override is invalid."""
+
+
+class MidiFileError(CoplayerError, ValueError):
+    """A MIDI file cannot be read or written."""
+
+
+class ModelError(CoplayerError, ValueError):
+    """A model file or its model card is missing, corrupt or does not match."""
+
+
+class DataError(CoplayerError, ValueError):
+    """A corpus or split manifest cannot be loaded."""
+
+
+class PortNotFoundError(CoplayerError, OSError):
+    """A named MIDI port does not exist."""
+
+
+class MissingExtraError(CoplayerError, ImportError):
+    """A command needs an optional dependency that is not installed."""

@@ -1,0 +1,233 @@
+"""The one featurizer of online instrumentation, shared by training and live play.
+
+At each note-on the featurizer knows only the past: pitches, velocities and
+onset times of earlier notes, which of them are still held, and the parts
+coplayer itself chose for them.  It never sees the current note's duration
+or anything later.  The flow for every note is::
+
+    feats = featurizer.note_on(pitch, velocity, time)   # features, no state change
+    part = decide(model(feats))                         # model + constraints
+    featurizer.commit(part)                             # the decision becomes history
+    ...
+    featurizer.note_off(pitch, time)                    # a held note ends
+
+Every feature is relative (intervals to each part's recent pitches, times
+since events), plus the absolute pitch fed to an embedding, so the same
+features serve live input with any tempo.  The layout of the vector is
+described by :meth:`Featurizer.feature_names` and saved in the model card.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, asdict
+from typing import Iterable, Iterator
+
+import numpy as np
+
+FEATURIZER_VERSION = 1
+INTERVAL_EDGES = (0, 2, 4, 7, 12)  # |interval| buckets: 0, 1-2, 3-4, 5-7, 8-12, >12
+MAX_CHORD = 4
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that defines the features; travels in the model card."""
+
+    n_parts: int
+    chord_window: float = 0.035  # seconds: onsets this close to a chord's first note join it
+    time_unit: float = 0.05  # seconds: time features are log1p(dt / time_unit) / 4
+    version: int = FEATURIZER_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _t(dt: float, unit: float) -> float:
+    return math.log1p(max(dt, 0.0) / unit) / 4.0
+
+
+def _interval_bucket(interval: int) -> int:
+    a = abs(interval)
+    for i, edge in enumerate(INTERVAL_EDGES):
+        if a <= edge:
+            return i
+    return len(INTERVAL_EDGES)
+
+
+class _Part:
+    __slots__ = ("last_pitch", "last_onset", "last_release", "held", "chord_pitch")
+
+    def __init__(self) -> None:
+        self.last_pitch: int | None = None
+        self.last_onset: float | None = None
+        self.last_release: float | None = None
+        self.held = 0  # number of this part's notes still sounding
+        self.chord_pitch: int | None = None  # its note in the current chord, if any
+
+
+class Featurizer:
+    """Online features for one stream of notes (one performer, one piece)."""
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+        self.size = len(self.feature_names())
+        self.reset()
+
+    def reset(self) -> None:
+        k = self.spec.n_parts
+        self._parts = [_Part() for _ in range(k)]
+        self._held: dict[int, deque[int]] = {}  # pitch -> parts of its sounding notes (FIFO)
+        self._prev_pitch: int | None = None
+        self._prev_part: int | None = None
+        self._prev_onset: float | None = None
+        self._chord_start: float | None = None
+        self._chord: list[int] = []  # pitches of the current chord so far
+        self._pending: tuple[int, float] | None = None  # (pitch, time) awaiting commit
+
+    # -- the note stream -------------------------------------------------
+
+    def note_off(self, pitch: int, time: float) -> int | None:
+        """A note ends; returns the part it was in (None if it was not held)."""
+        parts = self._held.get(pitch)
+        if not parts:
+            return None
+        part = parts.popleft()
+        if not parts:
+            del self._held[pitch]
+        state = self._parts[part]
+        state.held = max(0, state.held - 1)
+        state.last_release = time
+        return part
+
+    def note_on(self, pitch: int, velocity: int, time: float) -> np.ndarray:
+        """Features of a note at its note-on (state changes only at commit)."""
+        if self._pending is not None:
+            raise RuntimeError("note_on() twice without commit()")
+        in_chord = self._chord_start is not None and time - self._chord_start <= self.spec.chord_window
+        self._pending = (pitch, time)
+        return self._vector(pitch, velocity, time, in_chord)
+
+    def commit(self, part: int) -> None:
+        """Record the part chosen for the note of the last note_on()."""
+        if self._pending is None:
+            raise RuntimeError("commit() without note_on()")
+        pitch, time = self._pending
+        self._pending = None
+        if self._chord_start is None or time - self._chord_start > self.spec.chord_window:
+            self._chord_start = time
+            self._chord = []
+            for s in self._parts:
+                s.chord_pitch = None
+        self._chord.append(pitch)
+        s = self._parts[part]
+        s.last_pitch, s.last_onset, s.chord_pitch = pitch, time, pitch
+        s.held += 1
+        self._held.setdefault(pitch, deque()).append(part)
+        self._prev_pitch, self._prev_part, self._prev_onset = pitch, part, time
+
+    def held_parts(self) -> list[int]:
+        """How many notes each part is holding now."""
+        return [s.held for s in self._parts]
+
+    # -- the vector ------------------------------------------------------
+
+    def feature_names(self) -> list[str]:
+        names = ["dt_prev", "no_prev", "same_chord", "velocity", "pitch", "step_prev"]
+        names += [f"chord_size={i}" for i in range(MAX_CHORD + 1)]
+        names += ["chord_above", "chord_below", "held_total"]
+        names += [f"prev_part={i}" for i in range(self.spec.n_parts)] + ["prev_part=none"]
+        for k in range(self.spec.n_parts):
+            names += [
+                f"p{k}.has_history", f"p{k}.interval", f"p{k}.holding",
+                f"p{k}.in_chord", f"p{k}.chord_interval", f"p{k}.since_onset",
+                f"p{k}.since_release",
+            ]
+            names += [f"p{k}.|interval|<={e}" for e in INTERVAL_EDGES] + [f"p{k}.|interval|>12"]
+        return names
+
+    def _vector(self, pitch: int, velocity: int, time: float, in_chord: bool) -> np.ndarray:
+        unit = self.spec.time_unit
+        k = self.spec.n_parts
+        v: list[float] = []
+        if self._prev_onset is None:
+            v += [0.0, 1.0, 0.0]
+        else:
+            v += [_t(time - self._prev_onset, unit), 0.0, float(in_chord)]
+        step = 0 if self._prev_pitch is None else pitch - self._prev_pitch
+        v += [velocity / 127.0, (pitch - 60) / 24.0, max(-24, min(24, step)) / 12.0]
+        chord = self._chord if in_chord else []
+        size = [0.0] * (MAX_CHORD + 1)
+        size[min(len(chord), MAX_CHORD)] = 1.0
+        v += size
+        v += [sum(c > pitch for c in chord) / 4.0, sum(c < pitch for c in chord) / 4.0]
+        v += [sum(s.held for s in self._parts) / 4.0]
+        prev = [0.0] * (k + 1)
+        prev[k if self._prev_part is None else self._prev_part] = 1.0
+        v += prev
+        for s in self._parts:
+            v += self._part_features(s, pitch, time, in_chord, unit)
+        return np.asarray(v, dtype=np.float32)
+
+    @staticmethod
+    def _part_features(s: _Part, pitch: int, time: float, in_chord: bool, unit: float) -> list[float]:
+        buckets = [0.0] * (len(INTERVAL_EDGES) + 1)
+        if s.last_pitch is None:
+            return [0.0] * 7 + buckets
+        interval = pitch - s.last_pitch
+        buckets[_interval_bucket(interval)] = 1.0
+        chord_pitch = s.chord_pitch if in_chord else None
+        return [
+            1.0,
+            max(-36, min(36, interval)) / 12.0,
+            float(s.held > 0),
+            float(chord_pitch is not None),
+            0.0 if chord_pitch is None else max(-24, min(24, pitch - chord_pitch)) / 12.0,
+            _t(time - s.last_onset, unit),
+            0.0 if s.held or s.last_release is None else _t(time - s.last_release, unit),
+        ] + buckets
+
+
+# -- turning a note list into the event stream a player would produce -------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A note-on or note-off of note ``index`` at ``time`` seconds."""
+
+    time: float
+    on: bool
+    index: int
+
+
+def note_events(onsets: Iterable[float], ends: Iterable[float], order: Iterable[int] | None = None) -> list[Event]:
+    """Note-ons and note-offs in time order; at equal times offs come first.
+
+    ``order`` ranks the note-ons that share a time (default: the given order),
+    so a chord's notes arrive in the order the caller chose.
+    """
+    onsets, ends = list(onsets), list(ends)
+    rank = list(range(len(onsets))) if order is None else list(order)
+    events = [Event(t, True, i) for i, t in enumerate(onsets)]
+    # A note-off never precedes its own note-on, even for a zero-length note.
+    events += [Event(max(e, onsets[i] + 1e-6), False, i) for i, e in enumerate(ends)]
+    events.sort(key=lambda e: (e.time, e.on, rank[e.index] if e.on else 0))
+    return events
+
+
+def replay(featurizer: Featurizer, events: list[Event], pitches, velocities, decide) -> Iterator[tuple[int, np.ndarray, int]]:
+    """Drive a featurizer through an event stream with a decision function.
+
+    ``decide(index, features) -> part`` is called at every note-on; yields
+    ``(index, features, part)``.  A note-off of a note whose on was never
+    decided (it cannot happen in a sorted stream) is ignored.
+    """
+    for ev in events:
+        if ev.on:
+            feats = featurizer.note_on(int(pitches[ev.index]), int(velocities[ev.index]), ev.time)
+            part = decide(ev.index, feats)
+            featurizer.commit(part)
+            yield ev.index, feats, part
+        else:
+            featurizer.note_off(int(pitches[ev.index]), ev.time)

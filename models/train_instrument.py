@@ -1,0 +1,233 @@
+"""Train an online instrumentation model on the Bach chorale train split.
+
+    python -m models.train_instrument [--model lstm|transformer] [--epochs N] [--out DIR]
+
+Each epoch first *rolls out* the current model over freshly augmented
+performances of every training piece (transposition, tempo scaling, onset
+jitter, random chord order, velocities), feeding back its own decisions with
+a probability that grows over training (scheduled sampling, DAgger-style):
+the model learns from the histories it will itself produce live.  It then
+trains on those feature sequences with the true parts as targets.  Features
+come from the runtime featurizer, so training and live play share one code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from coplayer.data.corpus import SATB
+from coplayer.data.splits import load_manifest, load_split
+from coplayer.instrument.features import Featurizer, FeatureSpec
+from coplayer.instrument.protocols import Performance, perform
+from models.instrument import InstrumentLSTM
+
+ARCHS = {"lstm": InstrumentLSTM}
+
+
+@dataclass
+class Sequence:
+    pitch: np.ndarray  # [T] int64
+    feats: np.ndarray  # [T, F] float32
+    labels: np.ndarray  # [T] int64 (true parts; -1 unknown)
+    preds: np.ndarray  # [T] int64 (parts fed back as history)
+
+
+def progress(label: str, done: int, total: int, extra: str = "") -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def augmented(scores, rng: np.random.Generator, p_exact: float = 0.35) -> list[Performance]:
+    """One random performance of each score (the training augmentation)."""
+    perfs = []
+    for score in scores:
+        low = min(n.pitch for n in score.notes)
+        high = max(n.pitch for n in score.notes)
+        shift = int(rng.integers(max(-5, 21 - low), min(6, 108 - high) + 1))
+        scale = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+        if rng.random() < p_exact:
+            perfs.append(perform(score, list(SATB), "a", transpose=shift, tempo_scale=scale))
+        else:
+            jitter = float(rng.uniform(0.002, 0.015))
+            perfs.append(perform(score, list(SATB), "b", rng, transpose=shift,
+                                 tempo_scale=scale, jitter=jitter))
+    return perfs
+
+
+def _next_on(fz: Featurizer, perf: Performance, ptr: int) -> int:
+    """Advance past note-offs to the next note-on; returns its event index or -1."""
+    events = perf.events
+    while ptr < len(events) and not events[ptr].on:
+        ev = events[ptr]
+        fz.note_off(int(perf.pitches[ev.index]), ev.time)
+        ptr += 1
+    return ptr if ptr < len(events) else -1
+
+
+@torch.no_grad()
+def rollout(model, perfs: list[Performance], spec: FeatureSpec, q: float,
+            rng: np.random.Generator, batch: int = 400) -> list[Sequence]:
+    """Stream performances through the model; history = own decision w.p. q, else truth."""
+    model.eval()
+    out: list[Sequence] = []
+    for start in range(0, len(perfs), batch):
+        chunk = perfs[start:start + batch]
+        out += _rollout_chunk(model, chunk, spec, q, rng)
+    return out
+
+
+def _rollout_chunk(model, chunk, spec, q, rng):
+    b_size = len(chunk)
+    fzs = [Featurizer(spec) for _ in chunk]
+    ptrs = [_next_on(f, p, 0) for f, p in zip(fzs, chunk)]
+    rec = [([], [], [], []) for _ in chunk]
+    state = model.initial_state(b_size)
+    feats = np.zeros((b_size, fzs[0].size), dtype=np.float32)
+    pitch = np.zeros(b_size, dtype=np.int64)
+    while True:
+        live = [b for b in range(b_size) if ptrs[b] >= 0]
+        if not live:
+            break
+        for b in live:
+            ev = chunk[b].events[ptrs[b]]
+            pitch[b] = chunk[b].pitches[ev.index]
+            feats[b] = fzs[b].note_on(int(pitch[b]), int(chunk[b].velocities[ev.index]), ev.time)
+        logits, *new_state = model.step(torch.from_numpy(pitch), torch.from_numpy(feats), *state)
+        mask = torch.zeros(b_size, dtype=torch.bool)
+        mask[live] = True
+        state = tuple(torch.where(mask[None, :, None], n, o) for n, o in zip(new_state, state))
+        preds = logits.argmax(-1).numpy()
+        for b in live:
+            perf, ev = chunk[b], chunk[b].events[ptrs[b]]
+            label = int(perf.labels[ev.index])
+            fed = int(preds[b]) if (label < 0 or rng.random() < q) else label
+            fzs[b].commit(fed)
+            for lst, val in zip(rec[b], (pitch[b], feats[b].copy(), label, int(preds[b]))):
+                lst.append(val)
+            ptrs[b] = _next_on(fzs[b], perf, ptrs[b] + 1)
+    return [Sequence(np.array(p, dtype=np.int64), np.stack(f), np.array(l, dtype=np.int64),
+                     np.array(d, dtype=np.int64)) for p, f, l, d in rec]
+
+
+def accuracy(seqs: list[Sequence]) -> float:
+    hits = sum(int(((s.preds == s.labels) & (s.labels >= 0)).sum()) for s in seqs)
+    total = sum(int((s.labels >= 0).sum()) for s in seqs)
+    return hits / max(total, 1)
+
+
+def batches(seqs: list[Sequence], size: int, rng: np.random.Generator):
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].labels))
+    groups = [order[i:i + size] for i in range(0, len(order), size)]
+    rng.shuffle(groups)
+    for group in groups:
+        t = max(len(seqs[i].labels) for i in group)
+        f = seqs[group[0]].feats.shape[1]
+        pitch = np.zeros((len(group), t), dtype=np.int64)
+        feats = np.zeros((len(group), t, f), dtype=np.float32)
+        labels = np.full((len(group), t), -1, dtype=np.int64)
+        for row, i in enumerate(group):
+            n = len(seqs[i].labels)
+            pitch[row, :n], feats[row, :n], labels[row, :n] = seqs[i].pitch, seqs[i].feats, seqs[i].labels
+        yield torch.from_numpy(pitch), torch.from_numpy(feats), torch.from_numpy(labels)
+
+
+def validate(model, scores, spec, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    result = {}
+    for protocol in ("a", "b"):
+        perfs = [perform(s, list(SATB), protocol, rng) for s in scores]
+        result[protocol] = accuracy(rollout(model, perfs, spec, 1.0, rng))
+    return result
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    train_scores, valid_scores = load_split("train"), load_split("valid")
+    spec = FeatureSpec(n_parts=len(SATB))
+    n_features = Featurizer(spec).size
+    model = ARCHS[args.model](n_features, len(SATB), hidden=args.hidden, layers=args.layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(train_scores) / args.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                pct_start=0.1)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    best, history, t0 = -1.0, [], time.monotonic()
+    for epoch in range(args.epochs):
+        q = min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
+        seqs = rollout(model, augmented(train_scores, rng), spec, q, rng)
+        model.train()
+        total, count = 0.0, 0
+        for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
+            logits, _ = model(pitch, feats)
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total, count = total + loss.item(), count + 1
+            progress(f"epoch {epoch + 1}/{args.epochs}", step + 1, steps_per_epoch, f"loss {total / count:.4f}")
+        val = validate(model, valid_scores, spec, args.seed)
+        score = (val["a"] + val["b"]) / 2
+        row = dict(epoch=epoch + 1, q=round(q, 3), loss=total / count, train_rollout_acc=accuracy(seqs),
+                   valid_a=val["a"], valid_b=val["b"], minutes=(time.monotonic() - t0) / 60)
+        history.append(row)
+        print(f"epoch {epoch + 1}: q={q:.2f} loss={row['loss']:.4f} rollout={row['train_rollout_acc']:.4f} "
+              f"valid a={val['a']:.4f} b={val['b']:.4f} ({row['minutes']:.1f} min)", flush=True)
+        if score > best:
+            best = score
+            torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, "kind": model.kind,
+                        "epoch": epoch + 1, "valid": val}, out / "checkpoint.pt")
+    manifest = load_manifest()
+    (out / "train-args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
+    (out / "encoding.json").write_text(json.dumps({
+        "parts": list(SATB), "features": spec.to_dict(),
+        "feature_names": Featurizer(spec).feature_names(),
+        "data": {"corpus": manifest["corpus"], "split_seed": manifest["seed"],
+                 "train_pieces": len(manifest["train"])},
+    }, indent=1) + "\n")
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    print(f"best valid mean accuracy {best:.4f}; wrote {out}")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(ARCHS), default="lstm")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--q-start", type=float, default=0.3, help="share of own decisions fed back at epoch 1")
+    p.add_argument("--q-ramp", type=float, default=0.5, help="fraction of epochs to reach q=1")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="runs/instrument-lstm")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
