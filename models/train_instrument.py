@@ -29,9 +29,9 @@ from coplayer.data.corpus import SATB
 from coplayer.data.splits import load_manifest, load_split
 from coplayer.instrument.features import Featurizer, FeatureSpec
 from coplayer.instrument.protocols import Performance, perform
-from models.instrument import InstrumentLSTM
+from models.instrument import InstrumentLSTM, InstrumentTransformer
 
-ARCHS = {"lstm": InstrumentLSTM}
+ARCHS = {"lstm": InstrumentLSTM, "transformer": InstrumentTransformer}
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _rollout_chunk(model, chunk, spec, q, rng):
         logits, *new_state = model.step(torch.from_numpy(pitch), torch.from_numpy(feats), *state)
         mask = torch.zeros(b_size, dtype=torch.bool)
         mask[live] = True
-        state = tuple(torch.where(mask[None, :, None], n, o) for n, o in zip(new_state, state))
+        state = model.select_state(mask, new_state, state)
         preds = logits.argmax(-1).numpy()
         for b in live:
             perf, ev = chunk[b], chunk[b].events[ptrs[b]]
@@ -159,9 +159,10 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     train_scores, valid_scores = load_split("train"), load_split("valid")
-    spec = FeatureSpec(n_parts=len(SATB))
+    spec = FeatureSpec(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion)
     n_features = Featurizer(spec).size
-    model = ARCHS[args.model](n_features, len(SATB), hidden=args.hidden, layers=args.layers)
+    sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
+    model = ARCHS[args.model](n_features, len(SATB), **sizes)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_scores) / args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch,
@@ -213,12 +214,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(ARCHS), default="lstm")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=None, help="model width (default: the model's own)")
+    p.add_argument("--layers", type=int, default=None, help="model depth (default: the model's own)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--q-start", type=float, default=0.3, help="share of own decisions fed back at epoch 1")
     p.add_argument("--q-ramp", type=float, default=0.5, help="fraction of epochs to reach q=1")
+    p.add_argument("--resort", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-sort each chord's voice belief by pitch (FeatureSpec.resort_chords)")
+    p.add_argument("--motion", action=argparse.BooleanOptionalAction, default=True,
+                   help="add each part's last melodic step (FeatureSpec.motion)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/instrument-lstm")

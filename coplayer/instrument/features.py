@@ -38,6 +38,12 @@ class FeatureSpec:
     n_parts: int
     chord_window: float = 0.035  # seconds: onsets this close to a chord's first note join it
     time_unit: float = 0.05  # seconds: time features are log1p(dt / time_unit) / 4
+    # Voice tracking: once several notes of a chord are in, the featurizer's
+    # belief of which part holds which note is re-sorted by pitch (parts are
+    # listed top to bottom), so one routing mistake does not corrupt every
+    # later feature.  The notes already sent stay where they were sent.
+    resort_chords: bool = False
+    motion: bool = False  # add each part's last melodic step as a feature
     version: int = FEATURIZER_VERSION
 
     def to_dict(self) -> dict:
@@ -57,10 +63,11 @@ def _interval_bucket(interval: int) -> int:
 
 
 class _Part:
-    __slots__ = ("last_pitch", "last_onset", "last_release", "held", "chord_pitch")
+    __slots__ = ("last_pitch", "prev_pitch", "last_onset", "last_release", "held", "chord_pitch")
 
     def __init__(self) -> None:
         self.last_pitch: int | None = None
+        self.prev_pitch: int | None = None  # the pitch before last_pitch
         self.last_onset: float | None = None
         self.last_release: float | None = None
         self.held = 0  # number of this part's notes still sounding
@@ -84,6 +91,8 @@ class Featurizer:
         self._prev_onset: float | None = None
         self._chord_start: float | None = None
         self._chord: list[int] = []  # pitches of the current chord so far
+        self._chord_notes: list[list] = []  # [pitch, believed part, time] of the current chord
+        self._before: list[tuple] = []  # each part's (last_pitch, prev_pitch, last_onset) at chord start
         self._pending: tuple[int, float] | None = None  # (pitch, time) awaiting commit
 
     # -- the note stream -------------------------------------------------
@@ -117,19 +126,56 @@ class Featurizer:
         self._pending = None
         if self._chord_start is None or time - self._chord_start > self.spec.chord_window:
             self._chord_start = time
-            self._chord = []
+            self._chord, self._chord_notes = [], []
+            self._before = [(s.last_pitch, s.prev_pitch, s.last_onset) for s in self._parts]
             for s in self._parts:
                 s.chord_pitch = None
         self._chord.append(pitch)
-        s = self._parts[part]
-        s.last_pitch, s.last_onset, s.chord_pitch = pitch, time, pitch
-        s.held += 1
+        self._chord_notes.append([pitch, part, time])
+        self._parts[part].held += 1
         self._held.setdefault(pitch, deque()).append(part)
-        self._prev_pitch, self._prev_part, self._prev_onset = pitch, part, time
+        if self.spec.resort_chords and len(self._chord_notes) > 1:
+            self._resort_chord()
+        self._apply_chord()
+        self._prev_pitch, self._prev_onset = pitch, time
+        self._prev_part = self._chord_notes[-1][1]
+
+    def _resort_chord(self) -> None:
+        """Re-pair the chord's notes with its parts in pitch order (top part, top note)."""
+        parts = sorted(note[1] for note in self._chord_notes)
+        by_pitch = sorted(self._chord_notes, key=lambda note: -note[0])
+        for note, part in zip(by_pitch, parts):
+            if note[1] != part:
+                self._move_held(note[0], note[1], part)
+                note[1] = part
+
+    def _move_held(self, pitch: int, old: int, new: int) -> None:
+        held = self._held.get(pitch)
+        if held and old in held:
+            held[held.index(old)] = new
+            self._parts[old].held -= 1
+            self._parts[new].held += 1
+
+    def _apply_chord(self) -> None:
+        """Each part's pitch history from before the chord plus its chord notes."""
+        mine: dict[int, list[list]] = {}
+        for note in self._chord_notes:
+            mine.setdefault(note[1], []).append(note)
+        for k, s in enumerate(self._parts):
+            last, prev, onset = self._before[k]
+            notes = mine.get(k, [])
+            pitches = [prev, last] + [n[0] for n in notes]
+            s.last_pitch, s.prev_pitch = pitches[-1], pitches[-2]
+            s.last_onset = notes[-1][2] if notes else onset
+            s.chord_pitch = notes[-1][0] if notes else None
 
     def held_parts(self) -> list[int]:
         """How many notes each part is holding now."""
         return [s.held for s in self._parts]
+
+    def last_pitches(self) -> list[int | None]:
+        """Each part's most recent pitch (None before its first note)."""
+        return [s.last_pitch for s in self._parts]
 
     # -- the vector ------------------------------------------------------
 
@@ -145,6 +191,8 @@ class Featurizer:
                 f"p{k}.since_release",
             ]
             names += [f"p{k}.|interval|<={e}" for e in INTERVAL_EDGES] + [f"p{k}.|interval|>12"]
+            if self.spec.motion:
+                names += [f"p{k}.motion"]
         return names
 
     def _vector(self, pitch: int, velocity: int, time: float, in_chord: bool) -> np.ndarray:
@@ -168,6 +216,9 @@ class Featurizer:
         v += prev
         for s in self._parts:
             v += self._part_features(s, pitch, time, in_chord, unit)
+            if self.spec.motion:
+                moved = s.last_pitch is not None and s.prev_pitch is not None
+                v.append(max(-12, min(12, s.last_pitch - s.prev_pitch)) / 12.0 if moved else 0.0)
         return np.asarray(v, dtype=np.float32)
 
     @staticmethod

@@ -1,0 +1,112 @@
+"""The online instrumentation decision: one code path for live play, files and eval.
+
+An :class:`Instrumenter` owns a featurizer and a scorer (an ONNX model or a
+baseline).  At each note-on it computes the features, asks the scorer for
+log-probabilities over the parts, adds the symbolic knowledge of the parts
+(a soft penalty for a monophonic part that is already sounding and for a
+pitch outside a part's range), picks the best part and commits it to the
+featurizer's history.  ``coplayer arrange``, ``coplayer eval instrument``
+and the live engine all call :meth:`Instrumenter.note_on` and
+:meth:`Instrumenter.note_off`; nothing else decides parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from coplayer.instrument.features import Featurizer, FeatureSpec
+
+
+@dataclass(frozen=True)
+class PartRule:
+    """What the decision knows about a part besides the model."""
+
+    name: str
+    low: int = 0
+    high: int = 127
+    monophonic: bool = True
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Soft constraints, in nats subtracted from a part's log-probability."""
+
+    mono: float = 0.0  # a monophonic part already holds a note
+    range: float = 0.0  # the pitch lies outside the part's range
+
+
+class Scorer(Protocol):
+    """Anything that scores parts for a note: an ONNX model or a baseline."""
+
+    parts: tuple[str, ...]
+    spec: FeatureSpec
+
+    def reset(self) -> None: ...
+
+    def log_probs(self, pitch: int, feats: np.ndarray, featurizer: Featurizer) -> np.ndarray:
+        """Log-probabilities over ``parts`` for the note whose features are given."""
+        ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    part: int  # index into Instrumenter.parts
+    name: str
+    log_probs: np.ndarray  # after penalties
+
+
+class Instrumenter:
+    """Decides, at each note-on, which part plays it; keeps its own history."""
+
+    def __init__(self, scorer: Scorer, rules: Sequence[PartRule] | None = None,
+                 penalties: Penalties = Penalties()):
+        self.scorer = scorer
+        self.parts = tuple(scorer.parts)
+        rules = list(rules) if rules is not None else [PartRule(p) for p in self.parts]
+        if [r.name for r in rules] != list(self.parts):
+            raise ValueError(f"part rules {[r.name for r in rules]} do not match the scorer's {list(self.parts)}")
+        self.rules = rules
+        self.penalties = penalties
+        self._low = np.array([r.low for r in rules])
+        self._high = np.array([r.high for r in rules])
+        self._mono = np.array([r.monophonic for r in rules])
+        self.featurizer = Featurizer(scorer.spec)
+        self.reset()
+
+    def reset(self) -> None:
+        self.featurizer.reset()
+        self.scorer.reset()
+
+    def note_on(self, pitch: int, velocity: int, time: float, force: int | None = None) -> Decision:
+        """Decide the part of a note at its note-on and make it history.
+
+        ``force`` (a part index) records a decision made elsewhere, e.g. by a
+        fallback when the model missed its latency budget, so that the
+        history stays what was really played.
+        """
+        feats = self.featurizer.note_on(pitch, velocity, time)
+        scores = self.scorer.log_probs(pitch, feats, self.featurizer) if force is None else None
+        if scores is None:
+            scores = np.zeros(len(self.parts))
+            scores[force] = 1.0
+        else:
+            scores = self._constrain(pitch, np.asarray(scores, dtype=np.float64))
+        part = int(np.argmax(scores)) if force is None else force
+        self.featurizer.commit(part)
+        return Decision(part, self.parts[part], scores)
+
+    def note_off(self, pitch: int, time: float) -> int | None:
+        """A played note ends; returns the part index it was sounding in."""
+        return self.featurizer.note_off(pitch, time)
+
+    def _constrain(self, pitch: int, scores: np.ndarray) -> np.ndarray:
+        p = self.penalties
+        if p.mono:
+            held = np.array(self.featurizer.held_parts()) > 0
+            scores = scores - p.mono * (held & self._mono)
+        if p.range:
+            scores = scores - p.range * ((pitch < self._low) | (pitch > self._high))
+        return scores
