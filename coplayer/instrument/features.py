@@ -29,6 +29,7 @@ import numpy as np
 FEATURIZER_VERSION = 1
 INTERVAL_EDGES = (0, 2, 4, 7, 12)  # |interval| buckets: 0, 1-2, 3-4, 5-7, 8-12, >12
 MAX_CHORD = 4
+EXACT_S = 1e-4  # onsets closer than this are simultaneous as written, not as played
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class FeatureSpec:
     # later feature.  The notes already sent stay where they were sent.
     resort_chords: bool = False
     motion: bool = False  # add each part's last melodic step as a feature
+    # Quantised input (a file, a sequencer) has chord notes at exactly the same
+    # time, in file order; a person's chord never does (a MIDI note-on alone
+    # takes ~1 ms on the wire).  A flag lets one model serve both.
+    exact_flag: bool = False
     version: int = FEATURIZER_VERSION
 
     def to_dict(self) -> dict:
@@ -181,6 +186,8 @@ class Featurizer:
 
     def feature_names(self) -> list[str]:
         names = ["dt_prev", "no_prev", "same_chord", "velocity", "pitch", "step_prev"]
+        if self.spec.exact_flag:
+            names.append("exact_chord")
         names += [f"chord_size={i}" for i in range(MAX_CHORD + 1)]
         names += ["chord_above", "chord_below", "held_total"]
         names += [f"prev_part={i}" for i in range(self.spec.n_parts)] + ["prev_part=none"]
@@ -205,6 +212,8 @@ class Featurizer:
             v += [_t(time - self._prev_onset, unit), 0.0, float(in_chord)]
         step = 0 if self._prev_pitch is None else pitch - self._prev_pitch
         v += [velocity / 127.0, (pitch - 60) / 24.0, max(-24, min(24, step)) / 12.0]
+        if self.spec.exact_flag:
+            v.append(float(self._prev_onset is not None and abs(time - self._prev_onset) < EXACT_S))
         chord = self._chord if in_chord else []
         size = [0.0] * (MAX_CHORD + 1)
         size[min(len(chord), MAX_CHORD)] = 1.0
@@ -263,7 +272,9 @@ def note_events(onsets: Iterable[float], ends: Iterable[float], order: Iterable[
     events = [Event(t, True, i) for i, t in enumerate(onsets)]
     # A note-off never precedes its own note-on, even for a zero-length note.
     events += [Event(max(e, onsets[i] + 1e-6), False, i) for i, e in enumerate(ends)]
-    events.sort(key=lambda e: (e.time, e.on, rank[e.index] if e.on else 0))
+    # Times equal to the nanosecond are simultaneous: a note ending where the
+    # next begins (onset + duration in floating point) must release first.
+    events.sort(key=lambda e: (round(e.time, 9), e.on, rank[e.index] if e.on else 0))
     return events
 
 

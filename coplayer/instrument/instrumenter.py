@@ -38,6 +38,11 @@ class Penalties:
     range: float = 0.0  # the pitch lies outside the part's range
 
 
+# A part already sounding this very pitch cannot take it again: two note-ons
+# of one pitch on one channel would merge into one note in any synth or DAW.
+SAME_PITCH = 1e3
+
+
 class Scorer(Protocol):
     """Anything that scores parts for a note: an ONNX model or a baseline."""
 
@@ -79,6 +84,7 @@ class Instrumenter:
     def reset(self) -> None:
         self.featurizer.reset()
         self.scorer.reset()
+        self._sounding: dict[int, list[int]] = {}  # pitch -> parts it was routed to, oldest first
 
     def note_on(self, pitch: int, velocity: int, time: float, force: int | None = None) -> Decision:
         """Decide the part of a note at its note-on and make it history.
@@ -93,17 +99,27 @@ class Instrumenter:
             scores = np.zeros(len(self.parts))
             scores[force] = 1.0
         else:
-            scores = self._constrain(pitch, np.asarray(scores, dtype=np.float64))
+            scores = self._constrain(pitch, np.array(scores, dtype=np.float64))
         part = int(np.argmax(scores)) if force is None else force
         self.featurizer.commit(part)
+        self._sounding.setdefault(pitch, []).append(part)
         return Decision(part, self.parts[part], scores)
 
     def note_off(self, pitch: int, time: float) -> int | None:
-        """A played note ends; returns the part index it was sounding in."""
-        return self.featurizer.note_off(pitch, time)
+        """A played note ends; returns the part index its note-on was routed to."""
+        self.featurizer.note_off(pitch, time)
+        routed = self._sounding.get(pitch)
+        if not routed:
+            return None
+        part = routed.pop(0)
+        if not routed:
+            del self._sounding[pitch]
+        return part
 
     def _constrain(self, pitch: int, scores: np.ndarray) -> np.ndarray:
         p = self.penalties
+        for part in self._sounding.get(pitch, ()):
+            scores[part] -= SAME_PITCH
         if p.mono:
             held = np.array(self.featurizer.held_parts()) > 0
             scores = scores - p.mono * (held & self._mono)

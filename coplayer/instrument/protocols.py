@@ -60,9 +60,23 @@ def perform(
         rank[order] = np.arange(n)
     else:
         rng = rng or np.random.default_rng(0)
+        written_onsets, written_ends = onsets, ends
         onsets = onsets + rng.uniform(-jitter, jitter, n)
         ends = np.maximum(ends + rng.uniform(-jitter, jitter, n), onsets + 0.01)
+        ends = _release_before_restrike(pitches, written_onsets, written_ends, onsets, ends)
         velocities = np.clip(np.round(velocities + rng.normal(0, VELOCITY_SD, n)), 1, 127).astype(int)
         rank = rng.permutation(n)
     events = note_events(onsets, ends, rank)
     return Performance(pitches, velocities, onsets, ends, labels, events)
+
+
+def _release_before_restrike(pitches, written_onsets, written_ends, onsets, ends) -> np.ndarray:
+    """A key is released before it is struck again: where the score has one
+    pitch end as (or before) it begins again, the jittered release comes at
+    least a millisecond before the jittered re-strike."""
+    ends = ends.copy()
+    order = np.lexsort((written_onsets, pitches))
+    for a, b in zip(order[:-1], order[1:]):
+        if pitches[a] == pitches[b] and written_ends[a] <= written_onsets[b] + 1e-9:
+            ends[a] = max(min(ends[a], onsets[b] - 0.001), onsets[a] + 0.001)
+    return ends
