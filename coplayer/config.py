@@ -119,7 +119,7 @@ class Midi:
 class Tempo:
     bpm: float = _opt(100.0, range=(20, 300))
     source: str = _opt("internal", choices=("internal", "clock"))
-    clock_smoothing: int = _opt(24, range=(1, 96))
+    clock_smoothing: int = _opt(48, range=(1, 96))
     beats_per_bar: int = _opt(4, range=(1, 16))
 
 

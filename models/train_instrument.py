@@ -159,14 +159,23 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     train_scores, valid_scores = load_split("train"), load_split("valid")
-    spec = FeatureSpec(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion)
+    spec = FeatureSpec(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion,
+                       exact_flag=args.exact_flag)
     n_features = Featurizer(spec).size
     sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
-    model = ARCHS[args.model](n_features, len(SATB), **sizes)
+    if args.init:
+        start = torch.load(args.init)
+        model = ARCHS[start["kind"]](**start["hparams"])
+        model.load_state_dict(start["state_dict"])
+        if model.hparams["n_features"] != n_features:
+            raise SystemExit(f"{args.init} was trained with {model.hparams['n_features']} features, "
+                             f"these options give {n_features}")
+    else:
+        model = ARCHS[args.model](n_features, len(SATB), **sizes)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_scores) / args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                pct_start=0.1)
+                                                pct_start=args.pct_start)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +233,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="re-sort each chord's voice belief by pitch (FeatureSpec.resort_chords)")
     p.add_argument("--motion", action=argparse.BooleanOptionalAction, default=True,
                    help="add each part's last melodic step (FeatureSpec.motion)")
+    p.add_argument("--exact-flag", action=argparse.BooleanOptionalAction, default=True,
+                   help="flag exactly simultaneous onsets (FeatureSpec.exact_flag)")
+    p.add_argument("--pct-start", type=float, default=0.1, help="share of steps warming the learning rate up")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from a checkpoint.pt (fine-tuning, annealing)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/instrument-lstm")

@@ -211,3 +211,33 @@ def evaluate_models(models: Sequence[str], cfg, scores: Sequence[Score], *, seed
             results.append(evaluate(lambda: make_instrumenter(scorer, cfg), scores, protocol,
                                     seed, model=name))
     return results
+
+
+def record_metrics(results: Sequence[Result], *, seed: int, cfg) -> list[Path]:
+    """Write each shipped model's test accuracies into its model card.
+
+    The card keeps them under ``metrics.test``; ``tests/test_shipped_models.py``
+    checks that the shipped model never drops below them.  Baselines and
+    models given by path are skipped.
+    """
+    import json
+
+    from coplayer.instrument.runner import read_card, resolve_model, shipped_models
+
+    shipped = set(shipped_models())
+    written = []
+    for name in sorted({r.model for r in results} & shipped):
+        path = resolve_model(name)
+        card = read_card(path)
+        rows = {r.protocol: r for r in results if r.model == name}
+        card.setdefault("metrics", {})["test"] = {
+            "split": "bach_chorales_split.json test", "seed": seed,
+            "notes": max(r.notes for r in rows.values()),
+            "penalties": {"mono": cfg.instrument.mono_penalty, "range": cfg.instrument.range_penalty},
+            **{f"accuracy_{p}": round(r.accuracy, 6) for p, r in sorted(rows.items())},
+            **{f"per_part_{p}": {k: round(v, 4) for k, v in r.per_part.items()} for p, r in sorted(rows.items())},
+        }
+        card_path = path.with_suffix(".json")
+        card_path.write_text(json.dumps(card, indent=1) + "\n")
+        written.append(card_path)
+    return written

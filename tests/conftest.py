@@ -1,0 +1,72 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+# --- JACK server (tests that need real MIDI ports) ---------------------------
+#
+# Tests that need real ports take the ``jack_server`` fixture.  It uses a JACK
+# server that already runs, else starts ``jackd`` with the dummy driver for
+# the session and stops it (by its PID) at the end.  Where none can run the
+# tests skip and say why; with the environment variable CI set they fail
+# instead, so that CI cannot pass by silently skipping them.
+
+JACKD = ["jackd", "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "64"]
+
+
+def jack_unavailable(reason: str) -> None:
+    """Skip, or fail on CI, because a capability is missing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: these tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _jack_running() -> bool:
+    check = subprocess.run(["jack_wait", "-c"], capture_output=True, text=True, timeout=10)
+    return check.stdout.strip() == "running"
+
+
+@pytest.fixture(scope="session")
+def jack_server(tmp_path_factory):
+    """A running JACK server (dummy driver, 48 kHz, 64 frames per period)."""
+    try:
+        import rtmidi
+    except ImportError:
+        jack_unavailable("python-rtmidi is not installed")
+    if rtmidi.API_UNIX_JACK not in rtmidi.get_compiled_api():
+        jack_unavailable("python-rtmidi was built without the JACK API")
+    if shutil.which("jack_wait") and _jack_running():
+        yield None
+        return
+    if not (shutil.which("jackd") and shutil.which("jack_wait")):
+        jack_unavailable("no JACK server: install jackd2 (jackd and jack_wait not found)")
+    log_path = tmp_path_factory.mktemp("jack") / "jackd.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(JACKD, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    started = subprocess.run(["jack_wait", "-w", "-t", "10"], capture_output=True, timeout=20).returncode == 0
+    if proc.poll() is not None:  # exited: another session's server won the race, or jackd failed
+        proc = None
+    if not started:
+        _stop(proc)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        jack_unavailable(f"no JACK server: `{' '.join(JACKD)}` did not start ({' / '.join(tail)})")
+    time.sleep(0.2)  # let the dummy driver settle before the first client
+    yield proc
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)

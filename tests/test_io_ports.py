@@ -1,0 +1,417 @@
+"""Ports: the in-memory backend and note hygiene, then real ports over JACK.
+
+The JACK tests take the ``jack_server`` fixture (tests/conftest.py): they
+skip where no JACK server can start and fail instead when CI is set.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import mido
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coplayer.errors import PortNotFoundError
+from coplayer.io.memory import MemoryHub, MemoryInput, MemoryOutput, split_stream
+from coplayer.io.ports import PortError, is_valid
+
+NOTE_ON, NOTE_OFF, CC = 0x90, 0x80, 0xB0
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Synth:
+    """What a receiving synthesizer keeps sounding, to check for stuck notes."""
+
+    def __init__(self) -> None:
+        self.notes: dict[tuple[int, int], int] = {}
+        self.pedal: set[int] = set()
+
+    def play(self, messages) -> Synth:
+        for data in messages:
+            kind, ch = data[0] & 0xF0, data[0] & 0x0F
+            if kind == NOTE_ON and data[2]:
+                self.notes[ch, data[1]] = self.notes.get((ch, data[1]), 0) + 1
+            elif kind in (NOTE_ON, NOTE_OFF) and self.notes.get((ch, data[1])):
+                self.notes[ch, data[1]] -= 1
+            elif kind == CC and data[1] == 64:
+                (self.pedal.add if data[2] >= 64 else self.pedal.discard)(ch)
+            elif kind == CC and data[1] in (120, 123):
+                self.notes = {k: v for k, v in self.notes.items() if k[0] != ch}
+        self.notes = {k: v for k, v in self.notes.items() if v}
+        return self
+
+
+# --- messages --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, ok", [
+    ((0x90, 60, 100), True), ((0xC3, 5), True), ((0xF8,), True), ((0xF0, 1, 2, 0xF7), True),
+    ((0xF2, 0, 1), True), ((), False), ((60, 100), False), ((0x90, 60), False),
+    ((0x90, 60, 128), False), ((0xF0, 1, 2), False), ((0xF4,), False), ((0x90, 60, 100, 1), False),
+])
+def test_is_valid(data, ok):
+    assert is_valid(data) is ok
+
+
+def test_split_stream_handles_running_status_realtime_and_sysex():
+    stream = [0x90, 60, 100, 62, 90, 0xF8, 64, 80, 0xF0, 1, 2, 0xF7, 5, 0xC1, 3, 4, 0x92, 0xB0, 7, 1]
+    assert split_stream(stream) == [
+        (0x90, 60, 100), (0x90, 62, 90), (0xF8,), (0x90, 64, 80), (0xF0, 1, 2, 0xF7),
+        (0xC1, 3), (0xC1, 4), (0xB0, 7, 1),
+    ]
+
+
+# --- the memory backend ----------------------------------------------------
+
+
+def test_send_accepts_bytes_lists_and_mido_messages_and_refuses_fragments():
+    out = MemoryOutput("out")
+    out.send(bytes([0x90, 60, 100]))
+    out.send([0x80, 60, 0])
+    out.send(mido.Message("control_change", channel=2, control=7, value=90))
+    assert out.sent() == [(0x90, 60, 100), (0x80, 60, 0), (0xB2, 7, 90)]
+    with pytest.raises(ValueError, match="not a complete MIDI message: 90 3C"):
+        out.send([0x90, 60])
+    with pytest.raises(TypeError):
+        out.send("note_on")
+    assert all(isinstance(t, int) for t, _ in out.messages)
+
+
+def test_sounding_counts_repeated_note_ons_exactly():
+    out = MemoryOutput("out")
+    for _ in range(3):
+        out.send([0x90, 60, 100])
+    out.send([0x91, 60, 100])
+    assert out.sounding() == {(0, 60): 3, (1, 60): 1}
+    out.send([0x80, 60, 0])
+    out.send([0x90, 60, 0])  # velocity 0 is a note-off
+    assert out.sounding() == {(0, 60): 1, (1, 60): 1}
+    out.send([0x80, 61, 0])  # a note-off without its note-on changes nothing
+    out.send([0x81, 60, 0])
+    out.send([0x81, 60, 0])
+    assert out.sounding() == {(0, 60): 1}
+
+
+def test_close_releases_every_sounding_note_on_its_own_channel():
+    out = MemoryOutput("out")
+    for data in ([0x90, 60, 100], [0x90, 60, 100], [0x93, 48, 90], [0x93, 52, 90], [0x83, 52, 0]):
+        out.send(data)
+    sent_before = len(out.messages)
+    out.close()
+    release = out.sent()[sent_before:]
+    assert release == [(0x80, 60, 0), (0x80, 60, 0), (0x83, 48, 0), (0xB0, 123, 0), (0xB3, 123, 0)]
+    assert out.sounding() == {}
+    assert Synth().play(out.sent()).notes == {}
+    out.close()  # a second close does nothing
+    assert len(out.messages) == sent_before + len(release)
+    with pytest.raises(PortError, match="closed"):
+        out.send([0x90, 60, 100])
+
+
+def test_panic_lifts_the_pedal_and_sends_all_sound_off_on_used_channels():
+    out = MemoryOutput("out")
+    out.send([0xB5, 64, 127])
+    out.send([0x95, 70, 100])
+    out.send([0xC7, 3])  # channel 7 used, no note
+    out.panic()
+    assert out.sent()[3:] == [
+        (0x85, 70, 0), (0xB5, 64, 0),
+        (0xB5, 123, 0), (0xB5, 120, 0), (0xB7, 123, 0), (0xB7, 120, 0),
+    ]
+    assert out.sounding() == {} and not out.closed
+    synth = Synth().play(out.sent())
+    assert synth.notes == {} and synth.pedal == set()
+
+
+def test_reset_releases_notes_and_resets_controllers():
+    out = MemoryOutput("out")
+    out.send([0x90, 60, 100])
+    out.reset()
+    assert out.sent()[1:] == [(0x80, 60, 0), (0xB0, 123, 0), (0xB0, 121, 0)]
+    assert out.sounding() == {}
+
+
+def test_all_notes_off_sent_by_the_owner_clears_that_channel():
+    out = MemoryOutput("out")
+    out.send([0x90, 60, 100])
+    out.send([0x91, 62, 100])
+    out.send([0xB0, 123, 0])
+    assert out.sounding() == {(1, 62): 1}
+
+
+def test_close_completes_when_the_port_has_vanished(caplog):
+    out = MemoryOutput("out")
+    out.send([0x90, 60, 100])
+    out.fail = True
+    with pytest.raises(PortError, match="gone"):
+        out.panic()
+    out.close()
+    assert out.closed
+    assert "could not release the notes" in caplog.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0x80, 0x90, 0xB0]), st.integers(0, 3),
+                          st.integers(58, 62), st.integers(0, 127)), max_size=60))
+def test_close_leaves_nothing_sounding_whatever_was_sent(events):
+    out = MemoryOutput("out")
+    for kind, channel, key, value in events:
+        if kind == 0xB0:
+            key = 64  # sustain pedal up or down
+        out.send([kind | channel, key, value])
+    out.close()
+    synth = Synth().play(out.sent())
+    assert synth.notes == {} and synth.pedal == set()
+
+
+def test_input_delivers_valid_messages_with_their_timestamp_and_drops_the_rest():
+    got = []
+    port = MemoryInput("in", on_message=lambda data, t: got.append((data, t)))
+    port.inject([0x90, 60, 100], t=123)
+    port.inject(bytes([0xF8]))
+    port.inject([0x90, 60])  # a fragment
+    port.inject([60, 100, 0x90])  # no status first
+    assert got[0] == ((0x90, 60, 100), 123)
+    assert got[1][0] == (0xF8,) and got[1][1] > 123
+    assert port.dropped == 2
+    port.inject_stream([0x90, 61, 1, 62, 2])
+    assert [d for d, _ in got[2:]] == [(0x90, 61, 1), (0x90, 62, 2)]
+
+
+def test_a_failing_handler_is_counted_and_does_not_escape(caplog):
+    port = MemoryInput("in", on_message=lambda data, t: 1 / 0)
+    port.inject([0x90, 60, 100])
+    port.inject([0x90, 61, 100])
+    assert port.handler_errors == 2
+    assert caplog.text.count("ZeroDivisionError") == 1
+
+
+def test_hub_loops_an_output_into_an_input_and_names_missing_ports():
+    hub = MemoryHub()
+    out = hub.open_output("coplayer soprano")
+    got = []
+    hub.open_input("coplayer in", on_message=lambda data, t: got.append((data, t)))
+    hub.connect("coplayer soprano", "coplayer in")
+    out.send([0x90, 60, 100])
+    assert got == [((0x90, 60, 100), out.messages[0][0])]
+    hub.disconnect(out, "coplayer in")
+    out.send([0x80, 60, 0])
+    assert len(got) == 1
+    assert hub.list_ports() == {"inputs": ["coplayer in"], "outputs": ["coplayer soprano"]}
+    with pytest.raises(PortNotFoundError, match="available ports: 'coplayer in'"):
+        hub.input("keyboard")
+    with pytest.raises(PortError, match="already open"):
+        hub.open_output("coplayer soprano")
+    hub.close_all()
+    assert hub.list_ports() == {"inputs": [], "outputs": []}
+
+
+def test_context_manager_closes_and_releases():
+    with MemoryOutput("out") as out:
+        out.send([0x90, 60, 100])
+    assert out.closed and out.sent()[-2:] == [(0x80, 60, 0), (0xB0, 123, 0)]
+
+
+# --- rtmidi, without a MIDI system ------------------------------------------
+
+
+def test_unknown_or_missing_apis_are_refused_clearly():
+    from coplayer.io import rtmidi_backend
+
+    with pytest.raises(PortError, match="unknown MIDI API 'pipewire'"):
+        rtmidi_backend.resolve_api("pipewire")
+    missing = [a for a in ("alsa", "jack", "coremidi", "winmm") if a not in rtmidi_backend.compiled_apis()]
+    if missing:
+        with pytest.raises(PortError, match=f"the {missing[0]} MIDI API is not compiled"):
+            rtmidi_backend.resolve_api(missing[0])
+
+
+def test_windows_has_no_virtual_ports_and_the_error_names_loopmidi(monkeypatch):
+    from coplayer.io import rtmidi_backend
+
+    class FakeClient:
+        deleted = False
+
+        def delete(self):
+            FakeClient.deleted = True
+
+    monkeypatch.setattr(rtmidi_backend, "resolve_api", lambda name: "winmm")
+    monkeypatch.setattr(rtmidi_backend, "_client", lambda cls, api, client, **kw: FakeClient())
+    with pytest.raises(PortError, match="loopMIDI"):
+        rtmidi_backend.RtMidiOutput("coplayer soprano", virtual=True, api="winmm")
+    assert FakeClient.deleted
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.path.exists("/dev/snd/seq"),
+                    reason="needs Linux without an ALSA sequencer device")
+def test_ports_command_says_in_one_line_that_alsa_is_unavailable():
+    run = subprocess.run([sys.executable, "-m", "coplayer", "ports", "--api", "alsa"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "coplayer: error: ALSA sequencer unavailable: no /dev/snd/seq; "
+        "try --api jack (midi.api: jack) with a JACK server running"
+    ]
+
+
+# --- rtmidi over JACK ---------------------------------------------------------
+
+
+def _client_name(tag: str) -> str:
+    return f"cpt{os.getpid()}{tag}"
+
+
+def _wait_for(got: list, count: int, timeout: float = 3.0) -> list:
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return got
+
+
+@pytest.fixture
+def jack_pair(jack_server):
+    """A virtual output connected to a virtual input, both over JACK."""
+    from coplayer.io.rtmidi_backend import RtMidiInput, RtMidiOutput
+
+    got: list = []
+    a, b = _client_name("a"), _client_name("b")
+    out = RtMidiOutput("notes", virtual=True, api="jack", client_name=a)
+    inp = RtMidiInput("listen", virtual=True, api="jack", client_name=b,
+                      on_message=lambda data, t: got.append((data, t)))
+    subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
+    time.sleep(0.05)
+    yield out, inp, got, (a, b)
+    out.close()
+    inp.close()
+
+
+def test_list_ports_sees_the_virtual_ports(jack_pair):
+    from coplayer.io.rtmidi_backend import list_ports
+
+    _, _, _, (a, b) = jack_pair
+    ports = list_ports("jack")
+    assert f"{a}:notes" in ports["inputs"]  # coplayer could listen to our output
+    assert f"{b}:listen" in ports["outputs"]  # and play to our input
+
+
+def test_notes_cross_jack_in_order_with_monotonic_timestamps(jack_pair):
+    from coplayer.io.ports import now_ns
+
+    out, _, got, _ = jack_pair
+    sent_at = []
+    for pitch in range(60, 72):
+        sent_at.append(now_ns())
+        out.send([0x90, pitch, 100])
+        out.send([0x80, pitch, 0])
+        time.sleep(0.003)
+    _wait_for(got, 24)
+    assert [d for d, _ in got] == [m for p in range(60, 72) for m in ((0x90, p, 100), (0x80, p, 0))]
+    times = [t for _, t in got]
+    assert times == sorted(times)
+    hops_ms = [(t - s) / 1e6 for s, (_, t) in zip(sent_at, got[::2])]
+    assert all(0 < h < 50 for h in hops_ms), hops_ms
+
+
+def test_the_callback_reader_delivers_too(jack_pair):
+    from coplayer.io.rtmidi_backend import RtMidiInput
+
+    out, _, _, (a, _) = jack_pair
+    got = []
+    with RtMidiInput(f"{a}:notes", api="jack", client_name=_client_name("cb"), poll_interval_s=None,
+                     on_message=lambda data, t: got.append(data)) as listener:
+        assert listener.poll_interval_s is None
+        time.sleep(0.05)
+        for pitch in (60, 64, 67):
+            out.send([0x90, pitch, 100])
+        assert _wait_for(got, 3) == [(0x90, 60, 100), (0x90, 64, 100), (0x90, 67, 100)]
+
+
+def test_clock_and_sysex_pass_and_active_sensing_is_filtered(jack_pair):
+    out, _, got, _ = jack_pair
+    for data in ([0xFE], [0xFA], [0xF8], [0xF0, 0x7D, 1, 2, 0xF7], [0xFC]):
+        out.send(data)
+    _wait_for(got, 4)
+    time.sleep(0.05)
+    assert [d for d, _ in got] == [(0xFA,), (0xF8,), (0xF0, 0x7D, 1, 2, 0xF7), (0xFC,)]
+
+
+def test_close_releases_sounding_notes_through_jack(jack_pair):
+    out, _, got, _ = jack_pair
+    out.send([0x92, 64, 90])
+    out.send([0x92, 64, 90])
+    out.send([0xB2, 64, 127])
+    out.close()
+    _wait_for(got, 7)
+    synth = Synth().play([d for d, _ in got])
+    assert synth.notes == {} and synth.pedal == set()
+    assert [d for d, _ in got][-4:] == [(0x82, 64, 0), (0x82, 64, 0), (0xB2, 64, 0), (0xB2, 123, 0)]
+
+
+def test_a_named_existing_port_opens_by_unique_substring(jack_pair):
+    from coplayer.io.rtmidi_backend import RtMidiInput
+
+    out, _, _, (a, _) = jack_pair
+    got = []
+    with RtMidiInput(f"{a}:NOT", api="jack", client_name=_client_name("c"),
+                     on_message=lambda data, t: got.append(data)) as listener:
+        assert listener.name == f"{a}:notes"
+        time.sleep(0.05)
+        out.send([0x90, 60, 100])
+        assert _wait_for(got, 1) == [(0x90, 60, 100)]
+
+
+def test_a_missing_port_lists_the_available_ones(jack_pair):
+    from coplayer.io.rtmidi_backend import RtMidiInput, RtMidiOutput
+
+    _, _, _, (a, b) = jack_pair
+    with pytest.raises(PortNotFoundError, match=rf"no MIDI input port 'Launchkey'; available ports: .*'{a}:notes'"):
+        RtMidiInput("Launchkey", api="jack", client_name=_client_name("d"))
+    with pytest.raises(PortNotFoundError, match=f"'{b}:listen'"):
+        RtMidiOutput("Launchkey", api="jack", client_name=_client_name("e"))
+    with RtMidiOutput("more notes", virtual=True, api="jack", client_name=_client_name("f")):
+        with pytest.raises(PortNotFoundError, match="matches 2 ports; give more of the name"):
+            RtMidiInput(f"cpt{os.getpid()}", api="jack", client_name=_client_name("g"))
+
+
+def test_an_open_input_is_not_collected_when_its_owner_drops_it(jack_pair):
+    from coplayer.io.rtmidi_backend import RtMidiInput
+
+    out, _, _, (a, _) = jack_pair
+    got = []
+    ref = weakref.ref(RtMidiInput(f"{a}:notes", api="jack", client_name=_client_name("h"),
+                                  on_message=lambda data, t: got.append(data)))
+    gc.collect()
+    assert ref() is not None
+    time.sleep(0.05)
+    out.send([0x90, 61, 100])
+    assert _wait_for(got, 1) == [(0x90, 61, 100)]
+    ref().close()
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_burst_of_2000_messages_loses_nothing(jack_pair):
+    out, _, got, _ = jack_pair
+    for i in range(1000):
+        out.send([0x90 | i % 16, i % 128, 1 + i % 127])
+        out.send([0x80 | i % 16, i % 128, 0])
+    _wait_for(got, 2000, timeout=10)
+    assert len(got) == 2000
+    assert out.sounding() == {}
+
+
+def test_ports_command_lists_jack_ports(jack_pair):
+    _, _, _, (a, b) = jack_pair
+    run = subprocess.run([sys.executable, "-m", "coplayer", "ports", "--api", "jack"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert "MIDI APIs compiled in:" in run.stdout and "jack" in run.stdout
+    assert f"  {a}:notes" in run.stdout and f"  {b}:listen" in run.stdout

@@ -1,0 +1,40 @@
+"""The shipped instrumentation model must not drop below its recorded test accuracy.
+
+``coplayer eval instrument --record`` writes the accuracies into the model
+card when a model is shipped; this test re-measures them on the committed
+test split, under both protocols, through the same runtime path.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from coplayer.config import load_config
+from coplayer.instrument.evaluate import evaluate_models, shipped_instrument_models
+from coplayer.instrument.runner import read_card, resolve_model
+
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    pytest.importorskip("music21", reason="the chorale corpus needs music21 (the train extra)")
+    from coplayer.data.splits import load_split
+
+    return load_split("test")
+
+
+@pytest.mark.parametrize("name", shipped_instrument_models() or ["instrument-lstm"])
+def test_shipped_model_keeps_its_test_accuracy(name, test_split):
+    try:
+        card = read_card(resolve_model(name))
+    except Exception as exc:  # noqa: BLE001 - reported as the failure reason
+        pytest.fail(f"the default model {name} is not shipped or unreadable: {exc}")
+    recorded = card.get("metrics", {}).get("test")
+    assert recorded, f"{name}'s card has no recorded test metrics (coplayer eval instrument --record)"
+    cfg = load_config(overrides=[f"instrument.mono_penalty={recorded['penalties']['mono']}",
+                                 f"instrument.range_penalty={recorded['penalties']['range']}"])
+    results = evaluate_models([name], cfg, test_split, seed=recorded["seed"])
+    for r in results:
+        assert r.notes == recorded["notes"]
+        assert r.accuracy >= recorded[f"accuracy_{r.protocol}"] - 1e-6, (
+            f"{name} protocol {r.protocol}: {r.accuracy:.4f} < recorded {recorded[f'accuracy_{r.protocol}']:.4f}")
