@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test train train-instrument export bench eval clean
+.PHONY: demo test train train-instrument train-continue export bench eval clean
 
 # Runtime only: no torch, no music21.
 $(BIN)/.runtime: pyproject.toml
@@ -24,16 +24,29 @@ test: $(BIN)/.dev
 	$(BIN)/python -m pytest -q
 
 # Training, export and benchmarks are never part of `make test`.
-train: train-instrument
+train: train-instrument train-continue
 
+# The shipped instrumentation LSTM: 8 epochs of a 24-epoch one-cycle schedule,
+# then 8 epochs annealing with the model's own decisions fed back (q 0.8 -> 1),
+# export with a parity check, and the test accuracies recorded in the card.
 train-instrument: $(BIN)/.dev
-	$(BIN)/coplayer train instrument
+	$(BIN)/coplayer train instrument --epochs 24 --stop-after 8 --out runs/instrument-stage1
+	$(BIN)/coplayer train instrument --init runs/instrument-stage1/checkpoint.pt --epochs 8 \
+		--lr 1.5e-3 --pct-start 0.02 --q-start 0.8 --q-ramp 0.5 --out runs/instrument-lstm
+	$(BIN)/python -m export.instrument runs/instrument-lstm --name instrument-lstm
+	$(BIN)/coplayer eval instrument --models instrument-lstm --record
+
+# The continuation transformer: ~50 minutes on 2 cores, then exported to coplayer/assets.
+train-continue: $(BIN)/.dev
+	$(BIN)/python -m models.train_continue --out runs/continue-transformer
+	$(BIN)/python -m export.continuation runs/continue-transformer --name continue-transformer
 
 eval: $(BIN)/.dev
 	$(BIN)/coplayer eval instrument
 
 bench: $(BIN)/.dev
 	$(BIN)/python benchmarks/instrument_step.py
+	$(BIN)/python benchmarks/continue_speed.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -91,32 +91,32 @@ def rollout(model, perfs: list[Performance], spec: FeatureSpec, q: float,
 
 
 def _rollout_chunk(model, chunk, spec, q, rng):
-    b_size = len(chunk)
     fzs = [Featurizer(spec) for _ in chunk]
     ptrs = [_next_on(f, p, 0) for f, p in zip(fzs, chunk)]
     rec = [([], [], [], []) for _ in chunk]
-    state = model.initial_state(b_size)
-    feats = np.zeros((b_size, fzs[0].size), dtype=np.float32)
-    pitch = np.zeros(b_size, dtype=np.int64)
+    rows = list(range(len(chunk)))  # the piece of each batch row; finished pieces leave the batch
+    state = tuple(model.initial_state(len(rows)))
     while True:
-        live = [b for b in range(b_size) if ptrs[b] >= 0]
-        if not live:
+        keep = [r for r, b in enumerate(rows) if ptrs[b] >= 0]
+        if not keep:
             break
-        for b in live:
+        if len(keep) < len(rows):
+            state = model.index_state(state, torch.tensor(keep))
+            rows = [rows[r] for r in keep]
+        pitch = np.zeros(len(rows), dtype=np.int64)
+        feats = np.zeros((len(rows), fzs[0].size), dtype=np.float32)
+        for r, b in enumerate(rows):
             ev = chunk[b].events[ptrs[b]]
-            pitch[b] = chunk[b].pitches[ev.index]
-            feats[b] = fzs[b].note_on(int(pitch[b]), int(chunk[b].velocities[ev.index]), ev.time)
-        logits, *new_state = model.step(torch.from_numpy(pitch), torch.from_numpy(feats), *state)
-        mask = torch.zeros(b_size, dtype=torch.bool)
-        mask[live] = True
-        state = model.select_state(mask, new_state, state)
+            pitch[r] = chunk[b].pitches[ev.index]
+            feats[r] = fzs[b].note_on(int(pitch[r]), int(chunk[b].velocities[ev.index]), ev.time)
+        logits, *state = model.step(torch.from_numpy(pitch), torch.from_numpy(feats), *state)
         preds = logits.argmax(-1).numpy()
-        for b in live:
+        for r, b in enumerate(rows):
             perf, ev = chunk[b], chunk[b].events[ptrs[b]]
             label = int(perf.labels[ev.index])
-            fed = int(preds[b]) if (label < 0 or rng.random() < q) else label
+            fed = int(preds[r]) if (label < 0 or rng.random() < q) else label
             fzs[b].commit(fed)
-            for lst, val in zip(rec[b], (pitch[b], feats[b].copy(), label, int(preds[b]))):
+            for lst, val in zip(rec[b], (pitch[r], feats[r].copy(), label, int(preds[r]))):
                 lst.append(val)
             ptrs[b] = _next_on(fzs[b], perf, ptrs[b] + 1)
     return [Sequence(np.array(p, dtype=np.int64), np.stack(f), np.array(l, dtype=np.int64),
@@ -180,7 +180,7 @@ def train(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     best, history, t0 = -1.0, [], time.monotonic()
-    for epoch in range(args.epochs):
+    for epoch in range(args.stop_after or args.epochs):
         q = min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
         seqs = rollout(model, augmented(train_scores, rng), spec, q, rng)
         model.train()
@@ -236,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-flag", action=argparse.BooleanOptionalAction, default=True,
                    help="flag exactly simultaneous onsets (FeatureSpec.exact_flag)")
     p.add_argument("--pct-start", type=float, default=0.1, help="share of steps warming the learning rate up")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N epochs of the --epochs schedule (a first stage before annealing)")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from a checkpoint.pt (fine-tuning, annealing)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
