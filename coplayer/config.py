@@ -132,8 +132,8 @@ class Latency:
 @dataclass(frozen=True)
 class Instrument:
     model: str = "instrument-lstm"
-    fallback: str = _opt("closest", choices=("zone", "closest"))
-    mono_penalty: float = _opt(2.0, range=(0, None))
+    fallback: str = _opt("zone", choices=("zone", "closest"))
+    mono_penalty: float = _opt(0.0, range=(0, None))
     range_penalty: float = _opt(4.0, range=(0, None))
     threads: int = _opt(1, range=(1, 8))
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+
+from tests.tiny_models import NO_TORCH, TINY_LSTM, write_tiny_run
 
 # --- JACK server (tests that need real MIDI ports) ---------------------------
 #
@@ -70,3 +74,24 @@ def _stop(proc: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+# --- a tiny instrumentation model, exported once per session -----------------
+#
+# Exporting runs the real exporter and its parity check (needs torch, the
+# ``train`` extra); several test modules share the one export.
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """A tiny random LSTM exported (and parity-checked on one piece): the .onnx path."""
+    pytest.importorskip("torch", reason=NO_TORCH)
+    from coplayer.data.splits import load_split
+    from export.instrument import export, load_run
+
+    root = tmp_path_factory.mktemp("exported")
+    run = load_run(write_tiny_run(root / "run", **TINY_LSTM))
+    report = export(run, "tiny", root, {}, load_split("test")[:1])
+    assert report.ok, report
+    return root / "tiny.onnx"
+
+

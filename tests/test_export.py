@@ -24,7 +24,7 @@ from coplayer.errors import ModelError  # noqa: E402
 from coplayer.instrument.features import Featurizer, FeatureSpec  # noqa: E402
 from coplayer.instrument.runner import OnnxModel, file_sha256  # noqa: E402
 from export.parity import ParityReport, check_parity  # noqa: E402
-from tests.test_runner import TINY_LSTM, write_tiny_run  # noqa: E402
+from tests.tiny_models import TINY_LSTM, write_tiny_run  # noqa: E402
 
 N_FEATURES = len(Featurizer(FeatureSpec(n_parts=len(SATB))).feature_names())
 

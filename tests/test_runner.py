@@ -26,42 +26,6 @@ from coplayer.instrument.instrumenter import Instrumenter
 from coplayer.instrument.runner import OnnxModel, OnnxScorer, check_parts, log_softmax, softmax
 
 REPO = Path(__file__).resolve().parents[1]
-NO_TORCH = "exporting the test model needs torch (pip install 'coplayer[train]')"
-
-
-def write_tiny_run(run_dir: Path, kind: str = "lstm", **hparams) -> Path:
-    """A training run directory holding a small randomly initialised model."""
-    torch = pytest.importorskip("torch", reason=NO_TORCH)
-    from export.instrument import model_class
-
-    spec = FeatureSpec(n_parts=len(SATB))
-    names = Featurizer(spec).feature_names()
-    torch.manual_seed(0)
-    model = model_class(kind)(len(names), len(SATB), **hparams)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, "kind": model.kind,
-                "epoch": 1, "valid": {"a": 0.25, "b": 0.25}}, run_dir / "checkpoint.pt")
-    encoding = {"parts": list(SATB), "features": spec.to_dict(), "feature_names": names,
-                "data": {"corpus": "test"}}
-    (run_dir / "encoding.json").write_text(json.dumps(encoding))
-    (run_dir / "train-args.json").write_text(json.dumps({"model": kind, **hparams}))
-    return run_dir
-
-
-TINY_LSTM = dict(hidden=16, layers=1, dropout=0.0)
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory) -> Path:
-    """A tiny random LSTM exported (and parity-checked on one piece): the .onnx path."""
-    pytest.importorskip("torch", reason=NO_TORCH)
-    from export.instrument import export, load_run
-
-    root = tmp_path_factory.mktemp("exported")
-    run = load_run(write_tiny_run(root / "run", **TINY_LSTM))
-    report = export(run, "tiny", root, {}, load_split("test")[:1])
-    assert report.ok, report
-    return root / "tiny.onnx"
 
 
 @pytest.fixture
