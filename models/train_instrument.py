@@ -39,7 +39,8 @@ class Sequence:
     pitch: np.ndarray  # [T] int64
     feats: np.ndarray  # [T, F] float32
     labels: np.ndarray  # [T] int64 (true parts; -1 unknown)
-    preds: np.ndarray  # [T] int64 (parts fed back as history)
+    preds: np.ndarray  # [T] int64 (the model's argmax)
+    fed: np.ndarray  # [T] int64 (the parts fed back as history: own decision or truth)
 
 
 def progress(label: str, done: int, total: int, extra: str = "") -> None:
@@ -93,7 +94,7 @@ def rollout(model, perfs: list[Performance], spec: FeatureSpec, q: float,
 def _rollout_chunk(model, chunk, spec, q, rng):
     fzs = [Featurizer(spec) for _ in chunk]
     ptrs = [_next_on(f, p, 0) for f, p in zip(fzs, chunk)]
-    rec = [([], [], [], []) for _ in chunk]
+    rec = [([], [], [], [], []) for _ in chunk]
     rows = list(range(len(chunk)))  # the piece of each batch row; finished pieces leave the batch
     state = tuple(model.initial_state(len(rows)))
     while True:
@@ -116,11 +117,11 @@ def _rollout_chunk(model, chunk, spec, q, rng):
             label = int(perf.labels[ev.index])
             fed = int(preds[r]) if (label < 0 or rng.random() < q) else label
             fzs[b].commit(fed)
-            for lst, val in zip(rec[b], (pitch[r], feats[r].copy(), label, int(preds[r]))):
+            for lst, val in zip(rec[b], (pitch[r], feats[r].copy(), label, int(preds[r]), fed)):
                 lst.append(val)
             ptrs[b] = _next_on(fzs[b], perf, ptrs[b] + 1)
-    return [Sequence(np.array(p, dtype=np.int64), np.stack(f), np.array(l, dtype=np.int64),
-                     np.array(d, dtype=np.int64)) for p, f, l, d in rec]
+    return [Sequence(np.array(p, dtype=np.int64), np.stack(f), *(np.array(x, dtype=np.int64) for x in rest))
+            for p, f, *rest in rec]
 
 
 def accuracy(seqs: list[Sequence]) -> float:
