@@ -51,12 +51,19 @@ def _cmd_arrange(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    if args.task == "continue":
+        return _eval_continue(args)
     from coplayer.data.splits import load_split
     from coplayer.instrument.evaluate import default_models, evaluate_models, format_table
 
     cfg = _load_config(args)
     scores = load_split("test")[: args.limit]
     results = evaluate_models(args.models or default_models(), cfg, scores, seed=args.seed)
+    if args.record:
+        from coplayer.instrument.evaluate import record_metrics
+
+        for path in record_metrics(results, seed=args.seed, cfg=cfg):
+            print(f"recorded the test accuracies in {path}", file=sys.stderr)
     if args.json:
         print("[\n" + ",\n".join(json.dumps(r.to_row()) for r in results) + "\n]")
     else:
@@ -65,15 +72,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_continue(args: argparse.Namespace) -> int:
+    import json
+
+    from coplayer.gen.encoding import Encoding
+    from coplayer.gen.evaluate import default_models, evaluate_models, format_table, test_pieces
+
+    cfg = _load_config(args)
+    pieces, notes = test_pieces(Encoding(), args.limit)
+    for note in notes:
+        log.warning("%s", note)
+    results = evaluate_models(args.models or default_models(), cfg, pieces, seed=args.seed,
+                              progress=None if args.json else log.debug)
+    if args.json:
+        print("[\n" + ",\n".join(json.dumps(r.to_row()) for r in results) + "\n]")
+    else:
+        print(f"continuation on the test split ({len(pieces)} pieces, seed {args.seed})\n")
+        print(format_table(results))
+    return 0
+
+
+def _cmd_continue(args: argparse.Namespace) -> int:
+    from coplayer.gen.continue_file import continue_file
+
+    cfg = _load_config(args)
+    result = continue_file(args.input, args.output, cfg, bars=args.bars, temperature=args.temperature,
+                           seed=args.seed, parts=args.parts, model=args.model)
+    print(f"{result.summary()}; wrote {args.output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from coplayer.demo import run_demo
 
     cfg = _load_config(args)
-    result = run_demo(cfg, args.out, model=args.model)
-    counts = ", ".join(f"{p} {n}" for p, n in result["parts"].items())
-    print(f"instrumented {result['notes']} notes of the demo piece with {result['model']}: {counts}")
-    print(f"wrote {result['out'] / 'session.mid'} and {result['out'] / 'roll.png'}")
-    print(f"decision latency per note: {result['latency'].line()}")
+    result = run_demo(cfg, args.out, model=args.model, speed=args.speed)
+    print("\n".join(result.report()))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from coplayer.engine.live import run
+
+    cfg = _load_config(args)
+    return run(cfg, input_file=args.input, quiet=args.quiet, api=args.api, duration=args.duration,
+               model=args.model)
+
+
+def _cmd_ports(args: argparse.Namespace) -> int:
+    from coplayer.io.rtmidi_backend import compiled_apis, list_ports, resolve_api
+
+    midi = _load_config(args).midi
+    print(f"MIDI APIs compiled in: {', '.join(compiled_apis()) or 'none'}")
+    api = resolve_api(args.api or midi.api)
+    ports = list_ports(api, client_name=midi.client_name)
+    for key, what in (("inputs", "coplayer can listen to"), ("outputs", "coplayer can play to")):
+        print(f"{api} {key} ({what}):")
+        print("\n".join(f"  {name}" for name in ports[key]) or "  (none)")
     return 0
 
 
@@ -86,9 +141,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 COMMANDS = {
     "config": ("validate the configuration; --print shows the effective one", _cmd_config),
     "arrange": ("instrument a MIDI file as if it were played live, one track per part", _cmd_arrange),
-    "eval": ("measure a task on the test split (instrument: note-level accuracy)", _cmd_eval),
+    "continue": ("a MIDI file followed by coplayer's continuation of it", _cmd_continue),
+    "eval": ("measure a task on the test split (instrument: note-level accuracy; "
+             "continue: NLL and musical measures)", _cmd_eval),
     "train": ("train a model from scratch (needs the train extra and a source checkout)", _cmd_train),
-    "demo": ("instrument the bundled piece; write session.mid and roll.png, print latency", _cmd_demo),
+    "run": ("play along live: MIDI in, instrumentation and answers out, until Ctrl-C", _cmd_run),
+    "demo": ("replay the bundled piece through the live engine; write session.mid and roll.png, "
+             "print latency", _cmd_demo),
+    "ports": ("list the MIDI input and output ports, and the MIDI APIs compiled in", _cmd_ports),
 }
 
 
@@ -113,18 +173,64 @@ def _count(text: str) -> int:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["instrument"], help="what to evaluate")
+    p.add_argument("task", choices=["instrument", "continue"], help="what to evaluate")
     p.add_argument("--models", nargs="+", metavar="NAME",
-                   help="zone, closest, shipped model names or .onnx paths "
-                        "(default: zone, closest and every shipped instrument model)")
-    p.add_argument("--limit", type=_count, metavar="N", help="only the first N test pieces")
-    p.add_argument("--seed", type=int, default=0, help="seed of the live performances, protocol b (default 0)")
+                   help="instrument: zone, closest, shipped model names or .onnx paths (default: zone, "
+                        "closest and every shipped instrument model); continue: markov, markov-live, "
+                        "shipped model names or .onnx paths (default: those two and every shipped one)")
+    p.add_argument("--limit", type=_count, metavar="N",
+                   help="only the first N test pieces (continue: of each corpus)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the live performances, protocol b; continue: of the continuations (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON row per model and protocol")
+    p.add_argument("--record", action="store_true",
+                   help="write the test accuracies into the shipped models' cards (a regression floor)")
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _add_continue(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN.mid", help="the MIDI file to continue (kept unchanged in OUT)")
+    p.add_argument("-o", "--output", metavar="OUT.mid", required=True, help="where to write IN + the continuation")
+    p.add_argument("--bars", type=_count, metavar="N", help="length of the continuation (default: "
+                   "continuation.response_bars)")
+    p.add_argument("--temperature", type=_positive, metavar="T", help="default: continuation.temperature")
+    p.add_argument("--seed", type=int, metavar="S", help="default: continuation.seed, else a random one (printed)")
+    p.add_argument("--parts", nargs="+", metavar="PART", help="parts that may play (default: "
+                   "continuation.response_parts)")
+    p.add_argument("--model", metavar="NAME", help="markov, markov-live, a shipped model name or an .onnx path "
+                   "(default: continuation.model, falling back to continuation.fallback)")
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default="out/demo", help="where to write session.mid and roll.png")
     p.add_argument("--model", metavar="NAME", help="zone, closest, a shipped model name or an .onnx path")
+    p.add_argument("--speed", type=_positive, default=1.0, metavar="X",
+                   help="replay X times faster, timings scaled (default 1: real time, ~25 s)")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", metavar="FILE.mid", help="replay a MIDI file as if played live, then stop")
+    p.add_argument("--quiet", action="store_true", help="no live view")
+    p.add_argument("--api", choices=["alsa", "jack", "coremidi", "winmm", "auto"],
+                   help="the MIDI system (default: midi.api of the configuration)")
+    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+    p.add_argument("--model", metavar="NAME", help="zone, closest, a shipped model name or an .onnx path "
+                   "(default: instrument.model, falling back to instrument.fallback)")
+
+
+def _add_ports(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", choices=["alsa", "jack", "coremidi", "winmm", "auto"],
+                   help="the MIDI system to ask (default: midi.api of the configuration)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -136,9 +242,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 ADDERS = {
     "config": _add_config,
     "arrange": _add_arrange,
+    "continue": _add_continue,
     "eval": _add_eval,
     "train": _add_train,
+    "run": _add_run,
     "demo": _add_demo,
+    "ports": _add_ports,
 }
 
 

@@ -134,6 +134,7 @@ class Instrument:
     model: str = "instrument-lstm"
     fallback: str = _opt("zone", choices=("zone", "closest"))
     mono_penalty: float = _opt(0.0, range=(0, None))
+    chord_penalty: float = _opt(0.0, range=(0, None))
     range_penalty: float = _opt(4.0, range=(0, None))
     threads: int = _opt(1, range=(1, 8))
 

@@ -1,7 +1,9 @@
 """The Bach chorale corpus shipped with music21, as note tables.
 
 Only the four-part pieces of ``corpus.getComposer('bach')`` are kept, their
-parts named soprano, alto, tenor and bass (top to bottom).  Parsing the
+parts named soprano, alto, tenor and bass (top to bottom), each score's
+``time_signatures`` set from the piece's first time signature; its pickup
+(the first measure's ``paddingLeft``) is in :func:`chorale_meters`.  Parsing the
 whole corpus takes ~40 s on 2 cores, so the parsed notes are cached as one
 compressed ``.npz`` keyed by the music21 version and this loader's version.
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SATB = ("soprano", "alto", "tenor", "bass")
 CHORALE_BPM = 100.0  # chorales carry no tempo; seconds use this one
-LOADER_VERSION = 1
+LOADER_VERSION = 2  # 2: time signature and pickup of each piece
 
 
 @dataclass
@@ -69,8 +71,22 @@ def corpus_key(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
-def _parse_piece(path: str) -> tuple[str, list[tuple[float, float, int, int]] | str]:
-    """Parse one chorale in a worker: (key, rows) or (key, reason it was skipped)."""
+def meter_of(part) -> tuple[int, int, float]:
+    """A music21 part's first time signature (numerator, denominator; 4/4 if none) and pickup.
+
+    The pickup is the first measure's ``paddingLeft`` in quarter lengths: the
+    part of the bar *missing* before the first note (0 if the piece starts on a
+    barline).
+    """
+    ts = next(iter(part.recurse().getElementsByClass("TimeSignature")), None)
+    num, den = (int(ts.numerator), int(ts.denominator)) if ts is not None else (4, 4)
+    first = next(iter(part.getElementsByClass("Measure")), None)
+    pickup = float(first.paddingLeft) if first is not None else 0.0
+    return num, den, pickup
+
+
+def _parse_piece(path: str) -> tuple[str, tuple[list[tuple[float, float, int, int]], tuple[int, int, float]] | str]:
+    """Parse one chorale in a worker: (key, (rows, meter)) or (key, reason it was skipped)."""
     _, corpus = _music21()
     key = corpus_key(Path(path))
     try:
@@ -89,10 +105,10 @@ def _parse_piece(path: str) -> tuple[str, list[tuple[float, float, int, int]] | 
                 rows.append((float(n.offset), float(n.quarterLength), int(p.midi), index))
     if not rows:
         return key, "no notes"
-    return key, rows
+    return key, (rows, meter_of(parts[0]))
 
 
-def _rows_to_score(key: str, rows: np.ndarray) -> Score:
+def _rows_to_score(key: str, rows: np.ndarray, meter: tuple[int, int] = (4, 4)) -> Score:
     tempo = TempoMap([(0.0, round(60e6 / CHORALE_BPM))])
     notes = [
         Note(
@@ -106,7 +122,8 @@ def _rows_to_score(key: str, rows: np.ndarray) -> Score:
         )
         for o, d, p, k in rows
     ]
-    score = Score(notes=notes, tempo=tempo, parts=list(SATB), name=key, ticks_per_beat=480)
+    score = Score(notes=notes, tempo=tempo, parts=list(SATB), name=key, ticks_per_beat=480,
+                  time_signatures=[(0.0, int(meter[0]), int(meter[1]))])
     return score.fill_seconds().sort()
 
 
@@ -122,14 +139,15 @@ def _build_cache(path: Path, workers: int) -> None:
     log.info("parsing %d Bach files with music21 (cached afterwards in %s)", len(files), path)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_parse_piece, files, chunksize=4))
-    keys, skipped, reasons, arrays = [], [], [], []
-    for key, rows in results:
-        if isinstance(rows, str):
+    keys, skipped, reasons, arrays, meters = [], [], [], [], []
+    for key, result in results:
+        if isinstance(result, str):
             skipped.append(key)
-            reasons.append(rows)
+            reasons.append(result)
         else:
             keys.append(key)
-            arrays.append(np.asarray(rows, dtype=np.float64))
+            arrays.append(np.asarray(result[0], dtype=np.float64))
+            meters.append(result[1])
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -138,30 +156,47 @@ def _build_cache(path: Path, workers: int) -> None:
         keys=np.array(keys),
         lengths=lengths,
         rows=np.concatenate(arrays),
+        meters=np.asarray(meters, dtype=np.float64).reshape(-1, 3),  # numerator, denominator, pickup
         skipped=np.array(skipped),
         reasons=np.array(reasons),
     )
     os.replace(tmp, path)
 
 
-def load_bach_chorales(workers: int | None = None) -> tuple[dict[str, Score], CorpusReport]:
-    """All four-part Bach chorales by corpus key, and what was skipped."""
+def _load_cache(workers: int | None = None) -> dict[str, np.ndarray]:
     path = _cache_path()
     if not path.exists():
         _build_cache(path, workers or min(2, os.cpu_count() or 1))
     try:
-        data = np.load(path)
-        keys, lengths, rows = data["keys"], data["lengths"], data["rows"]
-        skipped, reasons = data["skipped"], data["reasons"]
+        with np.load(path) as data:
+            return {k: data[k] for k in ("keys", "lengths", "rows", "meters", "skipped", "reasons")}
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"corpus cache {path} is unreadable ({exc}); delete it to rebuild") from exc
+
+
+def chorale_meters(workers: int | None = None) -> dict[str, tuple[int, int, float]]:
+    """Each chorale's first time signature and pickup: key -> (numerator, denominator, pickup).
+
+    The pickup is the quarter lengths missing from the first bar (music21's
+    ``paddingLeft``): the first barline falls ``bar - pickup`` quarters after
+    the first note when ``pickup > 0``.
+    """
+    data = _load_cache(workers)
+    return {str(k): (int(m[0]), int(m[1]), float(m[2])) for k, m in zip(data["keys"], data["meters"])}
+
+
+def load_bach_chorales(workers: int | None = None) -> tuple[dict[str, Score], CorpusReport]:
+    """All four-part Bach chorales by corpus key, and what was skipped."""
+    data = _load_cache(workers)
+    keys, lengths, rows, meters = data["keys"], data["lengths"], data["rows"], data["meters"]
+    skipped, reasons = data["skipped"], data["reasons"]
     report = CorpusReport(found=len(keys) + len(skipped), kept=len(keys))
     for key, reason in zip(skipped, reasons):
         report.skip(str(key), str(reason))
     scores: dict[str, Score] = {}
     starts = np.concatenate([[0], np.cumsum(lengths)])
     for i, key in enumerate(keys):
-        scores[str(key)] = _rows_to_score(str(key), rows[starts[i] : starts[i + 1]])
+        scores[str(key)] = _rows_to_score(str(key), rows[starts[i] : starts[i + 1]], meters[i][:2])
     return scores, report
 
 

@@ -280,7 +280,8 @@ def make_instrumenter(scorer: Scorer, cfg: "Config") -> Instrumenter:
         rules = [_rule(cfg.part(name)) for name in scorer.parts]
     except KeyError as exc:
         raise ModelError(f"the scorer's parts {list(scorer.parts)} are not configured: {exc}") from exc
-    penalties = Penalties(mono=cfg.instrument.mono_penalty, range=cfg.instrument.range_penalty)
+    penalties = Penalties(mono=cfg.instrument.mono_penalty, range=cfg.instrument.range_penalty,
+                          chord=cfg.instrument.chord_penalty)
     return Instrumenter(scorer, rules, penalties)
 
 

@@ -36,6 +36,7 @@ class Penalties:
 
     mono: float = 0.0  # a monophonic part already holds a note
     range: float = 0.0  # the pitch lies outside the part's range
+    chord: float = 0.0  # a monophonic part already got a note of this chord
 
 
 # A part already sounding this very pitch cannot take it again: two note-ons
@@ -85,24 +86,31 @@ class Instrumenter:
         self.featurizer.reset()
         self.scorer.reset()
         self._sounding: dict[int, list[int]] = {}  # pitch -> parts it was routed to, oldest first
+        self._chord_start: float | None = None
+        self._chord_parts: set[int] = set()  # parts routed in the current chord
 
-    def note_on(self, pitch: int, velocity: int, time: float, force: int | None = None) -> Decision:
+    def note_on(self, pitch: int, velocity: int, time: float, force: int | None = None,
+                listen: bool = True) -> Decision:
         """Decide the part of a note at its note-on and make it history.
 
         ``force`` (a part index) records a decision made elsewhere, e.g. by a
         fallback when the model missed its latency budget, so that the
-        history stays what was really played.
+        history stays what was really played.  The scorer still hears a
+        forced note (a stateful model then misses none) unless ``listen`` is
+        false: a caller short of time records the decision alone.
         """
         feats = self.featurizer.note_on(pitch, velocity, time)
-        scores = self.scorer.log_probs(pitch, feats, self.featurizer) if force is None else None
-        if scores is None:
-            scores = np.zeros(len(self.parts))
-            scores[force] = 1.0
+        if self._chord_start is None or time - self._chord_start > self.featurizer.spec.chord_window:
+            self._chord_start, self._chord_parts = time, set()
+        if force is None or listen:
+            scores = self._constrain(pitch, np.array(self.scorer.log_probs(pitch, feats, self.featurizer),
+                                                     dtype=np.float64))
         else:
-            scores = self._constrain(pitch, np.array(scores, dtype=np.float64))
+            scores = np.where(np.arange(len(self.parts)) == force, 0.0, -np.inf)
         part = int(np.argmax(scores)) if force is None else force
         self.featurizer.commit(part)
         self._sounding.setdefault(pitch, []).append(part)
+        self._chord_parts.add(part)
         return Decision(part, self.parts[part], scores)
 
     def note_off(self, pitch: int, time: float) -> int | None:
@@ -125,4 +133,8 @@ class Instrumenter:
             scores = scores - p.mono * (held & self._mono)
         if p.range:
             scores = scores - p.range * ((pitch < self._low) | (pitch > self._high))
+        if p.chord and self._chord_parts:
+            used = np.zeros(len(self.parts), dtype=bool)
+            used[list(self._chord_parts)] = True
+            scores = scores - p.chord * (used & self._mono)
         return scores

@@ -64,11 +64,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def shipped_models() -> list[str]:
-    """Names of the models shipped in ``coplayer/assets``."""
+    """Names of the models shipped in ``coplayer/assets`` (an .onnx with its .json card beside it)."""
     assets = resources.files("coplayer").joinpath("assets")
     if not assets.is_dir():
         return []
-    return sorted(p.name[:-5] for p in assets.iterdir() if p.name.endswith(".onnx"))
+    return sorted(p.name[:-5] for p in assets.iterdir()
+                  if p.name.endswith(".onnx") and assets.joinpath(p.name[:-5] + ".json").is_file())
 
 
 def resolve_model(path_or_name: str | os.PathLike) -> Path:
@@ -87,21 +88,23 @@ def resolve_model(path_or_name: str | os.PathLike) -> Path:
     return Path(str(asset))
 
 
-def read_card(model_path: Path) -> dict:
-    """The model card beside ``model_path`` (same name, .json)."""
+def read_card(model_path: Path, task: str = TASK, keys: Sequence[str] = CARD_KEYS,
+              exporter: str = "export.instrument") -> dict:
+    """The model card beside ``model_path`` (same name, .json), checked to be a ``task`` model with ``keys``."""
     path = model_path.with_suffix(".json")
     if not path.is_file():
         raise ModelError(f"model {model_path} has no model card {path.name} beside it; "
-                         "export writes both: python -m export.instrument RUN_DIR")
+                         f"export writes both: python -m {exporter} RUN_DIR")
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"model card {path} is unreadable: {exc}") from exc
-    missing = [k for k in CARD_KEYS if k not in card] if isinstance(card, dict) else list(CARD_KEYS)
+    missing = [k for k in keys if k not in card] if isinstance(card, dict) else list(keys)
     if missing:
         raise ModelError(f"model card {path} lacks {', '.join(missing)}; re-export the model")
-    if card["task"] != TASK:
-        raise ModelError(f"model {card['name']} is a {card['task']!r} model, not an {TASK!r} model")
+    if card["task"] != task:
+        article = "an" if task[:1] in "aeiou" else "a"
+        raise ModelError(f"model {card['name']} is a {card['task']!r} model, not {article} {task!r} model")
     return card
 
 
@@ -109,11 +112,12 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_sha(model_path: Path, card: dict) -> None:
-    found = file_sha256(model_path)
-    if found != card["sha256"]:
+def check_sha(model_path: Path, card: dict, expected: str | None = None) -> None:
+    """``model_path`` hashes to ``expected`` (default: the card's ``sha256``)."""
+    found, expected = file_sha256(model_path), expected or card["sha256"]
+    if found != expected:
         raise ModelError(f"{model_path} does not match its model card (sha256 {found[:12]}..., card says "
-                         f"{card['sha256'][:12]}...): the file was changed or the card belongs to "
+                         f"{expected[:12]}...): the file was changed or the card belongs to "
                          "another export; re-export the model")
 
 
@@ -163,8 +167,12 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("+")[0].split(".")[:3] if p.isdigit())
 
 
-def open_session(path: Path, card: dict, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session: ``threads`` intra-op threads, one inter-op, sequential."""
+def open_session(path: Path, card: dict, threads: int = 1, *, flush_denormals: bool = False) -> ort.InferenceSession:
+    """A CPU session: ``threads`` intra-op threads, one inter-op, sequential.
+
+    ``flush_denormals`` treats denormal floats as zero: a softmax over masked
+    or far-away keys produces them, and they make it up to 10x slower.
+    """
     need, have = card["onnxruntime_min"], ort.__version__
     if _version(have) < _version(need):
         raise ModelError(f"model {card['name']} needs onnxruntime >= {need}, this is {have}: "
@@ -175,6 +183,8 @@ def open_session(path: Path, card: dict, threads: int = 1) -> ort.InferenceSessi
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: warnings would print at every load
+    if flush_denormals:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as exc:

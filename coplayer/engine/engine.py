@@ -1,0 +1,797 @@
+"""The real-time engine: one worker thread between the input port and the parts.
+
+The input port's callback only enqueues ``(message, arrival time)`` on an
+unbounded :class:`queue.SimpleQueue` (:meth:`Engine.on_message`); the
+worker takes each message in order and decides:
+
+* **note-on**: the :class:`Decider` picks the part (the model, or within
+  the latency budget's reach the fallback), the note goes to the part's
+  port and channel (mode ``respond``: through, untouched), and the
+  :class:`~coplayer.engine.router.Router` remembers where it went.  The
+  time from the callback to the send is the note's *decision latency*;
+* **note-off**: to the port and channel of its note-on, always, never
+  subject to the budget;
+* **controllers** (sustain, other CCs, pitch bend, channel pressure): to
+  the sounding parts (see :class:`~coplayer.engine.router.ControllerMirror`);
+  poly aftertouch to the part holding the key; CC numbers configured as
+  controls steer coplayer instead (:mod:`coplayer.engine.controls`);
+* **drum channel**: through to the drums port, untouched; MIDI clock and
+  transport to the clock; anything else through when ``passthrough_other``.
+
+Controls (mode, mute, panic, ...) may be called from any thread: those that
+touch the routing run on the worker, in order with the notes.  The
+responder plays through :meth:`Engine.play` from its own threads.
+
+Note hygiene: every note-on that leaves has its note-off on the same port
+and channel, on every path.  A mute or a panic sends the note-offs at once
+and keeps the player's keys paired, so their later note-offs are not sent
+twice; a failing port is logged once and skipped; an exception while
+handling a message is logged and the worker goes on; :meth:`Engine.stop`
+stops the responder, drains the queue, sends the note-offs of every
+sounding note and closes the ports (which send All Notes Off on every
+channel they used).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from coplayer.config import MODES
+from coplayer.engine.controls import CcControls
+from coplayer.engine.router import (BEND, CONTROL, NOTE_OFF, NOTE_ON, POLY_PRESSURE, PRESSURE,
+                                    ControllerMirror, FeedbackGuard, Router, Target, note_off_of)
+from coplayer.engine.session import SessionRecorder, session_path
+from coplayer.engine.stats import LatencyStats
+from coplayer.io.clock import InternalClock, make_clock
+from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns
+
+if TYPE_CHECKING:  # pragma: no cover
+    from coplayer.config import Config
+    from coplayer.engine.controls import OscFeed
+    from coplayer.instrument.instrumenter import Instrumenter
+    from coplayer.io.clock import Clock
+
+__all__ = ["Decider", "Engine", "Outputs"]
+
+log = logging.getLogger(__name__)
+
+SUSTAIN, ALL_SOUND_OFF, ALL_NOTES_OFF = 64, 120, 123
+WARM_UP_NOTES = 16  # model steps timed at start, so the first notes have a latency estimate
+WARM_UP_SKIPPED = 4
+WORKER_RT_PRIORITY = 10  # SCHED_FIFO priority of the worker, below JACK's (usually 70+)
+RECENT = 4096  # latency samples behind the live statistics (view, OSC)
+FEEDBACK_WINDOW_NS = 30_000_000
+
+
+class Responder(Protocol):
+    """What the engine needs of call and response (coplayer.engine.responder)."""
+
+    controls: Any
+    stats: dict
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def note_on(self, pitch: int, velocity: int, part: str, t_ns: int) -> None: ...
+    def note_off(self, pitch: int, t_ns: int) -> None: ...
+    def trigger(self) -> None: ...
+    def cancel(self) -> None: ...
+    def set_mode(self, mode: str) -> None: ...
+    def set_response_bars(self, bars: int) -> None: ...
+
+
+@dataclass
+class Outputs:
+    """Where coplayer plays: a target per part, and pass-through targets
+    (``thru``: respond-mode notes and other messages; ``drums``)."""
+
+    parts: dict[str, Target]
+    thru: Target | None = None
+    drums: Target | None = None
+
+    def ports(self) -> list[BaseOutput]:
+        """Every distinct port, parts first."""
+        targets = [*self.parts.values(), self.thru, self.drums]
+        return list({id(t.port): t.port for t in targets if t is not None}.values())
+
+
+# --- the decision inside the budget ----------------------------------------------
+
+
+class _StepTimes:
+    """Recent model step durations, their 99th percentile, and when the
+    model last ran (``at_ns``)."""
+
+    def __init__(self, size: int = 256, every: int = 16) -> None:
+        self._times: deque[int] = deque(maxlen=size)
+        self._every = every
+        self._since = 0
+        self.p99_ns = 0
+        self.at_ns = 0
+
+    def add(self, ns: int, at_ns: int) -> None:
+        self._times.append(ns)
+        self.at_ns = at_ns
+        self._since += 1
+        if self._since >= self._every or len(self._times) < self._every:
+            self._since = 0
+            ordered = sorted(self._times)
+            self.p99_ns = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+@dataclass
+class Decider:
+    """Chooses the part of each note-on within the latency budget.
+
+    When the time the note has already waited (callback to now) plus the
+    model's recent p99 step time would exceed the budget, or the model
+    failed, the ``fallback`` instrumenter decides and the note counts as a
+    miss.  An estimate older than ``retry_ns`` (the model has not run for
+    that long) is dropped, so a model that was slow for a while gets tried
+    again.  Both instrumenters see every note: after the send,
+    :meth:`commit` records the decision into the one that did not decide
+    (``note_on(..., force=part)``), so each history is what was played.
+    """
+
+    model: "Instrumenter"
+    fallback: "Instrumenter | None"
+    budget_ns: int
+    now: Callable[[], int] = now_ns
+    t0_ns: int = field(default_factory=now_ns)
+    retry_ns: int = 2_000_000_000
+    misses: int = 0
+    steps: _StepTimes = field(default_factory=_StepTimes)
+    broken: bool = False
+    _pending: tuple | None = None
+
+    def warm_up(self) -> None:
+        """Time a few model steps (then forget them) to seed the estimate."""
+        if self.fallback is None:
+            return
+        try:
+            for i in range(WARM_UP_NOTES):
+                start = self.now()
+                self.model.note_on(48 + (7 * i) % 36, 80, 0.1 * i)
+                if i >= WARM_UP_SKIPPED:  # the first runs pay for allocations
+                    self.steps.add(self.now() - start, start)
+        except Exception as exc:
+            self._broke(exc)
+        self.model.reset()
+
+    def decide(self, pitch: int, velocity: int, t_ns: int) -> tuple[str, bool]:
+        """(part name, whether the fallback chose) for a note-on received at ``t_ns``."""
+        time_s = (t_ns - self.t0_ns) / 1e9
+        if self.fallback is not None and (self.broken or self._late(t_ns)):
+            return self._fall_back(pitch, velocity, time_s), True
+        start = self.now()
+        try:
+            part = self.model.note_on(pitch, velocity, time_s).name
+        except Exception as exc:
+            _unwedge(self.model)
+            if self.fallback is None:
+                raise
+            self._broke(exc)
+            return self._fall_back(pitch, velocity, time_s), True
+        self.steps.add(self.now() - start, start)
+        if self.fallback is not None:
+            self._pending = (self.fallback, pitch, velocity, time_s, part)
+        return part, False
+
+    def _broke(self, exc: Exception) -> None:
+        self.broken = True
+        log.error("the instrumentation model failed (%s: %s); the fallback routes every note from now on",
+                  type(exc).__name__, exc)
+
+    def _late(self, t_ns: int) -> bool:
+        now = self.now()
+        estimate = self.steps.p99_ns if now - self.steps.at_ns < self.retry_ns else 0
+        return now - t_ns + estimate > self.budget_ns
+
+    def _fall_back(self, pitch: int, velocity: int, time_s: float) -> str:
+        self.misses += 1
+        part = self.fallback.note_on(pitch, velocity, time_s).name
+        if not self.broken:
+            self._pending = (self.model, pitch, velocity, time_s, part)
+        return part
+
+    def commit(self, idle: bool = True) -> None:
+        """Record the last decision into the other instrumenter (after the send).
+
+        The model hears a note the fallback routed (its state then misses
+        none) only when nothing waits in the queue (``idle``): a model that
+        was too slow must not delay the next note again.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            inst, pitch, velocity, time_s, part = pending
+            listen = idle and not (inst is self.model and self.broken)
+            inst.note_on(pitch, velocity, time_s, force=inst.parts.index(part), listen=listen)
+
+    def note_off(self, pitch: int, t_ns: int) -> None:
+        time_s = (t_ns - self.t0_ns) / 1e9
+        if not self.broken:
+            self.model.note_off(pitch, time_s)
+        if self.fallback is not None:
+            self.fallback.note_off(pitch, time_s)
+
+
+def _unwedge(instrumenter: "Instrumenter") -> None:
+    """After a failed step, end the note the featurizer has open, so that the
+    next note can start (it is committed to part 0, and ends at its note-off)."""
+    try:
+        instrumenter.featurizer.commit(0)
+    except RuntimeError:  # the failure came before the featurizer opened the note
+        pass
+
+
+# --- the engine -------------------------------------------------------------------
+
+
+def _raise_priority() -> None:
+    """Best effort, as JACK clients do: real-time scheduling for the calling
+    thread (the worker), so other programs' work does not delay a note.
+    Without the privilege (no CAP_SYS_NICE, rtprio limit 0) nothing changes."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(WORKER_RT_PRIORITY))
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
+        log.debug("the engine's worker runs without real-time priority (%s)", exc)
+
+
+class _Call:
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn, self.args = fn, args
+
+    def __repr__(self) -> str:
+        return f"{getattr(self.fn, '__name__', self.fn)}{self.args}"
+
+
+_STOP = object()
+
+
+class Engine:
+    """Routes a player's MIDI to the parts; see the module docstring.
+
+    Everything is injected: ``outputs`` (ports per part), ``instrumenter``
+    and its ``fallback``, the ``clock``, the ``input`` port (its
+    ``on_message`` is set at :meth:`start`), an :class:`OscFeed`, a
+    responder (:meth:`attach_responder`).  The engine owns the ports from
+    :meth:`start` on and closes them at :meth:`stop`.
+    """
+
+    def __init__(self, cfg: "Config", outputs: Outputs, instrumenter: "Instrumenter", *,
+                 fallback: "Instrumenter | None" = None, clock: "Clock | None" = None,
+                 input: BaseInput | None = None, osc: "OscFeed | None" = None,
+                 now: Callable[[], int] = now_ns) -> None:
+        self.cfg = cfg
+        self.outputs = outputs
+        self.clock = clock if clock is not None else make_clock(cfg.tempo.source, cfg.tempo.bpm,
+                                                                 cfg.tempo.clock_smoothing)
+        self.input = input
+        self.osc = osc
+        self.responder: Responder | None = None
+        self.controls = None  # the sampler's Controls (the responder's once attached)
+        self._now = now
+        self.mode = cfg.mode
+        self.response_bars = cfg.continuation.response_bars
+        self.decider = Decider(instrumenter, fallback, round(cfg.latency.budget_ms * 1e6), now, now())
+        self.router = Router()
+        self.mirror = ControllerMirror()
+        self.guard = FeedbackGuard(FEEDBACK_WINDOW_NS) if cfg.midi.feedback_guard else None
+        self.cc = CcControls(cfg.controls, self)
+        self.latency = LatencyStats(budget_ms=cfg.latency.budget_ms)
+        self._free_clock = InternalClock(self.clock.bpm, now())
+        self.recorder = SessionRecorder(self.beat_at, now)
+        drums = cfg.midi.drum_channel
+        self._drum_channel = None if drums is None else drums - 1
+        self._muted: set[str] = set()
+        self._soloed: set[str] = set()
+        self._response_notes: Counter = Counter()  # (part, pitch) -> response notes sounding
+        self._channels: dict[int, set[int]] = {}  # id(port) -> channels sent on
+        self._failed: set[int] = set()  # id(port) of outputs that failed
+        self._lock = threading.RLock()  # response notes vs mute and panic
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
+        self.notes_out: Counter = Counter()  # notes sent per part
+        self._last_pitch: dict[str, int] = {}
+        self._max_ns = 0
+        self.last_output_ns = 0  # when a part last sent a note-on or note-off
+        self._dispatch = {NOTE_OFF: self._note_off, NOTE_ON: self._note_on, POLY_PRESSURE: self._poly_pressure,
+                          CONTROL: self._control_change, 0xC0: self._other, PRESSURE: self._controller,
+                          BEND: self._controller}
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def attach_responder(self, responder: Responder | None) -> None:
+        """Call and response: built with :meth:`play`, attached before :meth:`start`."""
+        self.responder = responder
+        if responder is not None:
+            self.controls = responder.controls
+
+    def start(self) -> Engine:
+        if self._thread is not None:
+            return self
+        self._program_changes()
+        self._thread = threading.Thread(target=self._run, name="coplayer-engine", daemon=True)
+        self._thread.start()
+        if self.responder is not None:
+            self.responder.set_mode(self.mode)
+            self.responder.set_response_bars(self.response_bars)
+            self.responder.start()
+        if self.osc is not None:
+            self.osc.start()
+            self._state("mode", self.mode)
+        if self.input is not None:
+            self.input.on_message = self.on_message
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the input, the responder and the worker (after it has handled
+        every message received), release every note, close the ports."""
+        if self._closed:
+            return
+        if self.input is not None:
+            self.input.close()
+        self._stop_responder()
+        self._stop_worker(timeout)
+        self._closed = True
+        self._release_all()
+        for port in self.outputs.ports():
+            port.close()  # note-offs for anything left, All Notes Off on each channel used
+        if self.osc is not None:
+            self.osc.stop()
+
+    def _stop_responder(self) -> None:
+        if self.responder is None:
+            return
+        try:
+            self.responder.stop()
+        except Exception:
+            log.exception("the responder failed to stop; its notes are released by the engine")
+
+    def _stop_worker(self, timeout: float) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.error("the engine's worker did not finish within %g s; releasing the notes anyway", timeout)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the worker has handled everything enqueued so far."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(_Call(done.set, ()))
+        return done.wait(timeout)
+
+    def _program_changes(self) -> None:
+        seen = set()
+        for name, target in self.outputs.parts.items():
+            if (id(target.port), target.channel) not in seen:
+                seen.add((id(target.port), target.channel))
+                self._send(target.port, target.address((0xC0, self.cfg.part(name).program)))
+
+    # --- the input path ----------------------------------------------------------
+
+    def on_message(self, data: Message, t_ns: int) -> None:
+        """The input port's callback: enqueue and return."""
+        self._queue.put((data, t_ns))
+
+    def _run(self) -> None:
+        _raise_priority()
+        self.decider.warm_up()  # here: timed at the worker's priority
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            try:
+                if item.__class__ is tuple:
+                    self._handle(*item)
+                else:
+                    item.fn(*item.args)
+            except Exception as exc:  # the worker must survive any one message
+                self._worker_error(exc, item)
+
+    def _worker_error(self, exc: Exception, item: object) -> None:
+        self.counts["errors"] += 1
+        n = self.counts["errors"]
+        if n <= 5 or n % 1000 == 0:
+            what = " ".join(f"{b:02X}" for b in item[0]) if item.__class__ is tuple else repr(item)
+            log.error("engine: %s: %s, while handling %s (error %d; the engine goes on)",
+                      type(exc).__name__, exc, what, n, exc_info=n == 1)
+
+    def _handle(self, data: Message, t_ns: int) -> None:
+        if self.guard is not None and self.guard.is_echo(data, t_ns, self._holds):
+            return self._feedback()
+        status = data[0]
+        if status >= 0xF0:
+            return self._system(data, t_ns)
+        channel = status & 0x0F
+        if channel == self._drum_channel:
+            self.recorder.message(None, data, t_ns)
+            return self._pass(self.outputs.drums, data)
+        self._dispatch[status & 0xF0](data, channel, t_ns)
+
+    def _holds(self, channel: int, pitch: int) -> bool:
+        return self.router.holder(channel, pitch) is not None
+
+    def _feedback(self) -> None:
+        self.counts["feedback"] += 1
+        if self.counts["feedback"] == 1:
+            log.warning("feedback: coplayer's own output came back on its input (a DAW track armed "
+                        "with monitoring, or a MIDI loop); such messages are dropped and counted")
+
+    # --- notes -------------------------------------------------------------------
+
+    def _note_on(self, data: Message, channel: int, t_ns: int) -> None:
+        if data[2] == 0:
+            return self._note_off(data, channel, t_ns)
+        pitch, velocity = data[1], data[2]
+        part, _ = self.decider.decide(pitch, velocity, t_ns)
+        if self.responder is not None:  # first: it releases an answer's note of this part and pitch
+            self.responder.note_on(pitch, velocity, part, t_ns)
+        target = self._note_target(part)
+        held = self.router.note_on(channel, pitch, target, self._audible(target))
+        if held.sounded:
+            self._catch_up(channel, target)
+            self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
+        self._latency(self._now() - t_ns)
+        self.recorder.message(None, data, t_ns)  # after the send, as everything below
+        self.decider.commit(idle=self._queue.empty())
+
+    def _note_target(self, part: str) -> Target:
+        if self.mode == "respond" and self.outputs.thru is not None:
+            return self.outputs.thru
+        return self.outputs.parts[part]
+
+    def _latency(self, ns: int) -> None:
+        self.latency.add(ns)
+        self._max_ns = max(self._max_ns, ns)
+
+    def _note_off(self, data: Message, channel: int, t_ns: int) -> None:
+        pitch = data[1]
+        held = self.router.note_off(channel, pitch)
+        if held is not None and held.sounded:
+            velocity = data[2] if data[0] & 0xF0 == NOTE_OFF else 0
+            self._emit(held.target, (NOTE_OFF, pitch, velocity), t_ns)
+        self.recorder.message(None, data, t_ns)
+        self.decider.note_off(pitch, t_ns)
+        if self.responder is not None:
+            self.responder.note_off(pitch, t_ns)
+
+    # --- controllers -------------------------------------------------------------
+
+    def _control_change(self, data: Message, channel: int, t_ns: int) -> None:
+        if not self.cc.handle(data[1], data[2]):
+            self._controller(data, channel, t_ns)
+
+    def _controller(self, data: Message, channel: int, t_ns: int) -> None:
+        if not self.cfg.midi.forward_controllers:
+            return
+        for target in self.mirror.targets(data, self.router.sounding(), self._everyone()):
+            if self._emit(target, data, t_ns):
+                self.mirror.told(target, data)
+
+    def _everyone(self) -> list[Target]:
+        targets = list(self.outputs.parts.values())
+        if self.mode == "respond" and self.outputs.thru is not None:
+            targets.append(self.outputs.thru)
+        return targets
+
+    def _catch_up(self, channel: int, target: Target) -> None:
+        if self.cfg.midi.forward_controllers:
+            for data in self.mirror.catch_up(channel, target):
+                if self._emit(target, data, self._now()):
+                    self.mirror.told(target, data)
+
+    def _poly_pressure(self, data: Message, channel: int, t_ns: int) -> None:
+        held = self.router.holder(channel, data[1])
+        if self.cfg.midi.forward_controllers and held is not None and held.sounded:
+            self._emit(held.target, data, t_ns)
+
+    # --- everything else ---------------------------------------------------------
+
+    def _system(self, data: Message, t_ns: int) -> None:
+        if not self.clock.feed(data, t_ns):
+            self._other(data, None, t_ns)
+
+    def _other(self, data: Message, channel: int | None, t_ns: int) -> None:
+        if self.cfg.midi.passthrough_other:
+            self._pass(self.outputs.thru, data)
+
+    def _pass(self, target: Target | None, data: Message) -> None:
+        if target is not None:
+            self._send(target.port, data)
+
+    # --- sending -------------------------------------------------------------------
+
+    def _send(self, port: BaseOutput, data: Message, source: tuple[int, int] | None = None) -> bool:
+        """Send on ``port``; a failing port is logged once and skipped after."""
+        if id(port) in self._failed:
+            return False
+        if self.guard is not None:
+            self.guard.sent(data, self._now(), source)
+        try:
+            port.send(data)
+        except PortError as exc:
+            self._port_failed(port, exc)
+            return False
+        if data[0] < 0xF0:
+            self._channels.setdefault(id(port), set()).add(data[0] & 0x0F)
+        return True
+
+    def _port_failed(self, port: BaseOutput, exc: Exception) -> None:
+        with self._lock:
+            if id(port) in self._failed:
+                return
+            self._failed.add(id(port))
+        self.counts["port errors"] += 1
+        log.error("MIDI output %r failed (%s); it is skipped from now on, the other outputs go on",
+                  port.name, exc)
+
+    def _emit(self, target: Target, data: Message, t_ns: int, source: tuple[int, int] | None = None) -> bool:
+        """Send ``data`` to ``target`` (its channel) and account for it."""
+        data = target.address(data)
+        if not self._send(target.port, data, source):
+            return False
+        part = target.part
+        if part is not None and data[0] & 0xE0 == NOTE_OFF:  # note-on or note-off
+            self.last_output_ns = self._now()
+            self.recorder.message(part, data, t_ns)
+            on = data[0] & 0xF0 == NOTE_ON and data[2] > 0
+            if on:
+                with self._lock:
+                    self.notes_out[part] += 1
+                self._last_pitch[part] = data[1]
+            if self.osc is not None:
+                self.osc.note(part, data[1], data[2] if on else 0)
+        return True
+
+    def play(self, part: str, msg: Message, t_ns: int) -> None:
+        """Send a responder's message on ``part``'s port and channel
+        (thread-safe).  A note-on of a silent part is not sent, nor its note-off."""
+        target = self.outputs.parts.get(part)
+        data = None if target is None else target.address(tuple(msg))
+        if data is None or not is_valid(data):
+            self._bad_play(part, msg)
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if data[0] & 0xE0 == NOTE_OFF and not self._response_note(target, data):
+                return
+            self._emit(target, data, t_ns)
+
+    def _response_note(self, target: Target, data: Message) -> bool:
+        """Account for a response note; False if it must not be sent."""
+        key = (target.part, data[1])
+        if not note_off_of(data):
+            if not self._audible(target):
+                return False
+            self._response_notes[key] += 1
+            return True
+        if not self._response_notes[key]:
+            return False
+        self._response_notes[key] -= 1
+        if not self._response_notes[key]:
+            del self._response_notes[key]
+        return True
+
+    def _bad_play(self, part: str, msg: object) -> None:
+        self.counts["bad responder messages"] += 1
+        if self.counts["bad responder messages"] == 1:
+            log.error("the responder played %r on part %r: not a part or not a MIDI message (ignored)", msg, part)
+
+    # --- silence -----------------------------------------------------------------
+
+    def _audible(self, target: Target) -> bool:
+        part = target.part
+        if part is None:
+            return True
+        return part not in self._muted and (not self._soloed or part in self._soloed)
+
+    def _silence(self, keep: Callable[[Target], bool]) -> None:
+        """Note-offs now for every sounding note of a target not kept."""
+        now = self._now()
+        for held in self.router.silence(keep):
+            self._emit(held.target, held.note_off(), now)
+        with self._lock:
+            for (part, pitch), count in list(self._response_notes.items()):
+                target = self.outputs.parts[part]
+                if not keep(target):
+                    for _ in range(count):
+                        self._emit(target, (NOTE_OFF, pitch, 0), now)
+                    del self._response_notes[part, pitch]
+
+    def _release_all(self) -> None:
+        self._silence(lambda target: False)
+
+    def _panic(self) -> None:
+        if self.responder is not None:
+            self.responder.cancel()
+        self._release_all()
+        self.mirror.forget()
+        for port in self.outputs.ports():
+            self._panic_port(port)
+        self.counts["panics"] += 1
+        self._state("panic", self.counts["panics"])
+        log.info("panic: every note released")
+
+    def _panic_port(self, port: BaseOutput) -> None:
+        """What ``port.panic()`` does, through :meth:`_send` (so the feedback
+        guard knows these messages when they come back)."""
+        for (channel, pitch), count in sorted(port.sounding().items()):
+            for _ in range(count):
+                self._send(port, (NOTE_OFF | channel, pitch, 0))
+        for channel in sorted(self._channels.get(id(port), ())):
+            for number, value in ((SUSTAIN, 0), (ALL_NOTES_OFF, 0), (ALL_SOUND_OFF, 0)):
+                self._send(port, (CONTROL | channel, number, value))
+
+    # --- controls (any thread) ---------------------------------------------------
+
+    def _on_worker(self, fn: Callable, *args) -> None:
+        """Run ``fn`` on the worker, in order with the notes (at once if this
+        is the worker, or if the engine is not running)."""
+        if self._closed:
+            return
+        if self._thread is None or threading.current_thread() is self._thread:
+            fn(*args)
+        else:
+            self._queue.put(_Call(fn, args))
+
+    def _state(self, key: str, value: object) -> None:
+        if self.osc is not None:
+            self.osc.state(key, value)
+
+    def set_mode(self, mode: str) -> None:
+        """``instrument``, ``respond`` or ``both``; notes held keep their routes."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self._on_worker(self._set_mode, mode)
+
+    def _set_mode(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        self.mode = mode
+        if self.responder is not None:
+            self.responder.set_mode(mode)
+        self._state("mode", mode)
+        log.info("mode: %s", mode)
+
+    def panic(self) -> None:
+        """Silence every note now: responses cancelled, note-offs, All Notes Off."""
+        self._on_worker(self._panic)
+
+    def mute(self, part: str, on: bool = True) -> None:
+        self.cfg.part(part)  # KeyError names the parts
+        self._on_worker(self._set_silent, self._muted, part, on, "mute")
+
+    def solo(self, part: str, on: bool = True) -> None:
+        self.cfg.part(part)
+        self._on_worker(self._set_silent, self._soloed, part, on, "solo")
+
+    def _set_silent(self, group: set[str], part: str, on: bool, what: str) -> None:
+        with self._lock:
+            (group.add if on else group.discard)(part)
+        self._silence(self._audible)
+        self._state(f"{what}/{part}", int(on))
+
+    def set_tempo(self, bpm: float) -> None:
+        self.clock.set_bpm(bpm)
+        self._free_clock.set_bpm(bpm)
+        self._state("tempo", round(self.clock.bpm, 2))
+
+    def trigger(self) -> None:
+        """Answer now, without waiting for a pause."""
+        if self.responder is not None:
+            self.responder.trigger()
+
+    def set_temperature(self, value: float) -> None:
+        self._set_control("temperature", float(value))
+
+    def set_top_p(self, value: float) -> None:
+        self._set_control("top_p", float(value))
+
+    def set_key(self, text: str) -> None:
+        """A key ("C major") locks the answer to it; "auto" locks it to the
+        key detected from the playing; "off" frees it."""
+        from coplayer.gen.sampler import HARD_LOCK, Key
+
+        word = text.strip().lower()
+        if word in ("off", "none"):
+            self._set_control("key", None, key_lock=0.0)
+        elif word == "auto":
+            self._set_control("key", None, key_lock=HARD_LOCK)
+        else:
+            self._set_control("key", Key.parse(text.strip()), key_lock=HARD_LOCK)
+
+    def _set_control(self, name: str, value: object, **more: object) -> None:
+        if self.controls is None:
+            raise ValueError(f"cannot set {name}: call and response is not available")
+        self.controls.set(**{name: value}, **more)
+        self._state(name, "auto" if name == "key" and value is None and more.get("key_lock") else value)
+
+    def set_response_bars(self, bars: int) -> None:
+        bars = int(bars)
+        if not 1 <= bars <= 16:
+            raise ValueError(f"response length {bars} bars is not 1..16")
+        self.response_bars = bars
+        if self.responder is not None:
+            self.responder.set_response_bars(bars)
+        self._state("response_bars", bars)
+
+    def record(self) -> Path:
+        """Write the session so far to a new file in ``session.directory``."""
+        path = self.write_session(session_path(self.cfg.session.directory))
+        log.info("wrote the session to %s", path)
+        self._state("record", str(path))
+        return path
+
+    # --- time, session, statistics ---------------------------------------------------
+
+    def beat_at(self, t_ns: int) -> float:
+        """Beats by the clock; while a followed MIDI clock is stopped, by a
+        free clock at its tempo."""
+        if self.clock.running:
+            return self.clock.beat_at(t_ns)
+        return self._free_clock.beat_at(t_ns)
+
+    def write_session(self, path: str | Path, bpm: float | None = None) -> Path:
+        """The input and every part so far, one named track each, to ``path``."""
+        parts = list(self.cfg.part_names)
+        return self.recorder.write(path, parts, bpm or self.clock.bpm,
+                                   programs={p.name: p.program for p in self.cfg.parts},
+                                   channels={p.name: p.channel - 1 for p in self.cfg.parts})
+
+    def stats(self, recent: bool = False) -> dict:
+        """Decision latency (count, p50/p99/max ms), misses (notes the fallback
+        routed), over_budget (notes slower than the budget), notes per part,
+        feedback drops, errors, the responder's statistics.  ``recent``: the
+        percentiles of the last few thousand notes only (cheap, for live use)."""
+        if recent:
+            window = LatencyStats(self.cfg.latency.budget_ms, self.latency.samples_ns[-RECENT:])
+            s = window.summary()
+            s.update(count=len(self.latency.samples_ns), max_ms=self._max_ns / 1e6)
+        else:
+            s = self.latency.summary()
+        s.update(over_budget=self.latency.misses, misses=self.decider.misses,
+                 budget_ms=self.cfg.latency.budget_ms, model_p99_ms=self.decider.steps.p99_ns / 1e6)
+        s["parts"] = {p: self.notes_out[p] for p in self.cfg.part_names}
+        s.update({k.replace(" ", "_"): v for k, v in dict(self.counts).items()})  # a copy: the worker counts on
+        s["responses"] = dict(getattr(self.responder, "stats", None) or {})
+        return s
+
+    def sounding(self) -> bool:
+        """Is any note sounding on any output?"""
+        return any(port.sounding() for port in self.outputs.ports())
+
+    def snapshot(self) -> dict:
+        """What the live view shows: mode, tempo, parts, live statistics."""
+        parts = []
+        for name, target in self.outputs.parts.items():
+            channel = target.channel
+            sounding = [p for (ch, p), n in target.port.sounding().items() if ch == channel for _ in range(n)]
+            parts.append({"name": name, "sounding": sorted(sounding), "last": self._last_pitch.get(name),
+                          "notes": self.notes_out[name], "muted": name in self._muted,
+                          "solo": name in self._soloed})
+        return {"mode": self.mode, "bpm": self.clock.bpm, "clock": self.clock.running, "parts": parts,
+                "stats": self.stats(recent=True)}

@@ -1,0 +1,1 @@
+"""Continuation: answer the player with a continuation in the style just played."""

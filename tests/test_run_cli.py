@@ -1,0 +1,150 @@
+"""``coplayer run`` and ``coplayer demo`` end to end, on in-memory ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mido
+import pytest
+
+from coplayer.config import load_config, packaged_config
+from coplayer.demo import demo_piece
+from coplayer.engine import live as live_module
+from coplayer.engine.live import MemoryPorts, run
+
+REPO = Path(__file__).resolve().parents[1]
+MEMORY = ["--set", "midi.backend=memory", "--set", "osc.enabled=false"]
+
+
+def write_piece(path: Path, notes: list[tuple[int, float, float]], bpm: float = 120) -> Path:
+    """A one-track file of (pitch, onset s, duration s), plus a pedal press."""
+    tpb = 480
+    per_s = tpb * bpm / 60
+    events = [(round(on * per_s), mido.Message("note_on", note=p, velocity=90)) for p, on, _ in notes]
+    events += [(round((on + d) * per_s), mido.Message("note_off", note=p)) for p, on, d in notes]
+    events.append((0, mido.Message("control_change", control=64, value=127)))
+    events.sort(key=lambda e: e[0])
+    mid = mido.MidiFile(ticks_per_beat=tpb)
+    track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(bpm))])
+    last = 0
+    for tick, msg in events:
+        track.append(msg.copy(time=tick - last))
+        last = tick
+    mid.tracks.append(track)
+    mid.save(path)
+    return path
+
+
+def coplayer(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coplayer", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_replays_a_file_and_writes_the_session(tmp_path):
+    piece = write_piece(tmp_path / "piece.mid", [(72, 0.0, 0.3), (60, 0.0, 0.3), (48, 0.4, 0.3), (76, 0.8, 0.2)])
+    result = coplayer("run", "--input", str(piece), "--quiet", *MEMORY, "--set", f"session.directory={tmp_path}",
+                      "--set", "tempo.bpm=240", "--set", "continuation.response_bars=1")
+    assert result.returncode == 0, result.stderr
+    assert "decision latency per note: 4 notes: p50" in result.stdout
+    sessions = list(tmp_path.glob("session-*.mid"))
+    assert len(sessions) == 1 and f"wrote the session to {sessions[0]}" in result.stdout
+    mid = mido.MidiFile(sessions[0])
+    names = [t.name for t in mid.tracks]
+    assert names[1:] == ["soprano", "alto", "tenor", "bass", "input"]
+    played = [m.note for m in mid.tracks[-1] if m.type == "note_on" and m.velocity]
+    assert sorted(played[:2]) == [60, 72] and played[2:] == [48, 76]  # the chord's order is the arrival's
+    routed = sum(1 for t in mid.tracks[1:5] for m in t if m.type == "note_on" and m.velocity)
+    assert routed >= 4  # every input note, plus the answer's notes if there was one
+
+
+def test_run_stops_on_sigterm_and_reports(tmp_path):
+    piece = write_piece(tmp_path / "long.mid", [(60, 0.0, 30.0), (67, 0.1, 30.0)])
+    args = [sys.executable, "-m", "coplayer", "run", "--input", str(piece), "--quiet", "--set", "midi.backend=memory",
+            "--set", f"osc.in_port={free_udp_port()}", "--set", f"osc.out_port={free_udp_port()}",
+            "--set", f"session.directory={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "Ctrl-C to stop" in line or not line:
+            break
+    assert any("OSC in 127.0.0.1" in line for line in lines), lines
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "decision latency per note: 2 notes" in out
+    assert len(list(tmp_path.glob("session-*.mid"))) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_releases_every_note(tmp_path, monkeypatch, signum):
+    """In-process, to look at the ports afterwards: notes held when SIGTERM
+    (or Ctrl-C, SIGINT) comes are released by the engine."""
+    piece = write_piece(tmp_path / "long.mid", [(60, 0.0, 30.0), (67, 0.0, 30.0), (76, 0.1, 30.0)])
+    ports = MemoryPorts()
+    monkeypatch.setattr(live_module, "ports_for", lambda cfg: ports)
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "session.record=false",
+                                               "mode=instrument"])
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signum))
+    timer.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert run(cfg, input_file=str(piece), quiet=True, model="zone") == 0
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGTERM) == previous
+    parts = [ports.hub.output(f"coplayer {p}") for p in cfg.part_names]
+    ons = [m for p in parts for m in p.sent() if m[0] & 0xF0 == 0x90 and m[2]]
+    offs = [m for p in parts for m in p.sent() if m[0] & 0xF0 == 0x80]
+    assert len(ons) == 3 and len(offs) == 3  # paired by the engine itself
+    assert all(not p.sounding() and not p._pedal and p.closed for p in ports.hub.outputs.values())
+
+
+def test_run_for_a_duration_without_input(tmp_path):
+    result = coplayer("run", "--quiet", "--duration", "0.5", *MEMORY, "--set", "session.record=false")
+    assert result.returncode == 0, result.stderr
+    assert "decision latency per note: 0 notes" in result.stdout
+
+
+@pytest.mark.skipif(os.path.exists("/dev/snd/seq"), reason="this machine has an ALSA sequencer")
+def test_an_unavailable_api_is_one_line_suggesting_jack():
+    result = coplayer("run", "--api", "alsa", "--quiet", "--duration", "0.1", "--set", "osc.enabled=false")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("coplayer: error: ALSA sequencer unavailable") and "--api jack" in lines[-1]
+
+
+def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
+    result = coplayer("demo", "--out", str(tmp_path), "--speed", "8", "--set", "osc.enabled=false")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "session.mid").stat().st_size > 0
+    assert (tmp_path / "roll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    played = sum(1 for m in mido.MidiFile(demo_piece()) if m.type == "note_on" and m.velocity)
+    assert f"decision latency per note: {played} notes: p50" in result.stdout
+    assert "misses" in result.stdout
+    mid = mido.MidiFile(tmp_path / "session.mid")
+    assert [t.name for t in mid.tracks][1:] == ["soprano", "alto", "tenor", "bass", "input"]
+    assert sum(1 for m in mid.tracks[-1] if m.type == "note_on" and m.velocity) == played
+    routed = sum(1 for t in mid.tracks[1:5] for m in t if m.type == "note_on" and m.velocity)
+    assert routed >= played  # every note played, plus the answers
+
+
+def test_demo_rejects_a_speed_beyond_the_clock():
+    result = coplayer("demo", "--out", "/nonexistent/never", "--speed", "50", *MEMORY)
+    assert result.returncode == 2 and "--speed 50" in result.stderr
