@@ -79,7 +79,7 @@ def _eval_continue(args: argparse.Namespace) -> int:
     from coplayer.gen.evaluate import default_models, evaluate_models, format_table, test_pieces
 
     cfg = _load_config(args)
-    pieces, notes = test_pieces(Encoding(), args.limit)
+    pieces, notes = test_pieces(Encoding(), args.limit, args.sources)
     for note in notes:
         log.warning("%s", note)
     results = evaluate_models(args.models or default_models(), cfg, pieces, seed=args.seed,
@@ -182,6 +182,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="only the first N test pieces (continue: of each corpus)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the live performances, protocol b; continue: of the continuations (default 0)")
+    p.add_argument("--sources", nargs="+", choices=["bach", "essenFolksong", "ryansMammoth"],
+                   help="continue: test corpora (default: all; a melody corpus is parsed once, then cached)")
     p.add_argument("--json", action="store_true", help="print one JSON row per model and protocol")
     p.add_argument("--record", action="store_true",
                    help="write the test accuracies into the shipped models' cards (a regression floor)")

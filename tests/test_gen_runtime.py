@@ -12,7 +12,6 @@ import logging
 import threading
 from collections import Counter
 
-import mido
 import numpy as np
 import pytest
 
@@ -239,6 +238,18 @@ def test_sampler_respects_every_constraint(make):
         assert max(n.end_beats for n in notes) <= 3 * 4 + 1e-9  # 3 bars of 4/4, durations cut
 
 
+def test_a_melody_is_answered_by_a_melody(markov):
+    """A monophonic part the model wants that still sounds makes the note wait, not change part."""
+    tune = [67, 69, 71, 67, 72, 71, 69, 67, 65, 64, 62, 60, 64, 67, 72, 67]
+    notes = [Note(p, 80, 0, 0, 2.0 * i, 2.0 if i % 4 else 4.0, "soprano") for i, p in enumerate(tune)]
+    events, pos = ENC.encode([n for n in notes if n.onset_beats < 32])
+    for seed in range(4):
+        resp = generate(markov, controls(seed=seed), bars=4, context=(events, pos))
+        assert {n.part for n in resp.notes} == {"soprano"}
+        spans = sorted((n.onset_beats, n.end_beats) for n in resp.notes)
+        assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:]))
+
+
 def test_sampler_start_and_bars():
     events, pos = piece(4, seed=2)  # last onset: beat 15 of a 16-beat piece
     last = int(np.cumsum(events[:, 0])[-1])
@@ -441,7 +452,7 @@ def test_eval_runs_on_two_pieces():
 
 def test_eval_continue_cli_json(capsys):
     pytest.importorskip("music21", reason="the Bach chorale test split needs music21 (the train extra)")
-    assert main(["eval", "continue", "--limit", "2", "--json", "--models", "markov"]) == 0
+    assert main(["eval", "continue", "--limit", "2", "--json", "--models", "markov", "--sources", "bach"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in rows] == ["markov"]
     assert {"nll_bits_per_event", "pc_js", "in_key", "density_ratio", "range_kept", "motif_quote"} <= set(rows[0])

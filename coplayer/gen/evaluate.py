@@ -335,13 +335,19 @@ def default_models() -> list[str]:
     return ["markov", "markov-live", *shipped_continuation_models()]
 
 
-def test_pieces(encoding: Encoding, limit: int | None = None) -> tuple[list["EventPiece"], list[str]]:
-    """Chorale test pieces, then melody test pieces when their corpus is available; notes on what is missing."""
+def test_pieces(encoding: Encoding, limit: int | None = None,
+                sources: Sequence[str] | None = None) -> tuple[list["EventPiece"], list[str]]:
+    """Chorale test pieces, then melody test pieces when their corpus is available; notes on what is missing.
+
+    ``sources`` picks corpora (default: the chorales and every melody corpus;
+    the first use of a melody corpus parses it, minutes, then it is cached).
+    """
     from coplayer.gen.data import MELODY_CORPORA, load_pieces
 
-    pieces = load_pieces("test", encoding, ("bach",))[:limit]
+    sources = ("bach", *MELODY_CORPORA) if sources is None else tuple(sources)
+    pieces = load_pieces("test", encoding, ("bach",))[:limit] if "bach" in sources else []
     notes = []
-    for corpus in MELODY_CORPORA:
+    for corpus in (c for c in MELODY_CORPORA if c in sources):
         try:
             pieces += load_pieces("test", encoding, (corpus,))[:limit]
         except CoplayerError as exc:
