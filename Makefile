@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test train train-instrument train-continue export bench eval clean
+.PHONY: demo test train train-instrument train-continue train-markov bench eval clean
 
 # Runtime only: no torch, no music21.
 $(BIN)/.runtime: pyproject.toml
@@ -24,7 +24,11 @@ test: $(BIN)/.dev
 	$(BIN)/python -m pytest -q
 
 # Training, export and benchmarks are never part of `make test`.
-train: train-instrument train-continue
+train: train-instrument train-continue train-markov
+
+# The Continuator-style Markov baseline (and fallback) of continuation: ~2 minutes.
+train-markov: $(BIN)/.dev
+	$(BIN)/python -m coplayer.gen.markov
 
 # The shipped instrumentation LSTM: 8 epochs of a 24-epoch one-cycle schedule,
 # then 8 epochs annealing with the model's own decisions fed back (q 0.8 -> 1),
@@ -43,6 +47,7 @@ train-continue: $(BIN)/.dev
 
 eval: $(BIN)/.dev
 	$(BIN)/coplayer eval instrument
+	$(BIN)/coplayer eval continue
 
 bench: $(BIN)/.dev
 	$(BIN)/python benchmarks/instrument_step.py
