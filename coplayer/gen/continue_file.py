@@ -52,7 +52,7 @@ MAX_CONTEXT = 512  # events of the input the model hears (its most recent ones)
 
 def load_event_model(name: str) -> "EventModel":
     """``markov``, ``markov-live``, a shipped continuation model's name or an .onnx path."""
-    if name in MARKOV_NAMES:
+    if name in MARKOV_NAMES or name == "continue-markov":
         return MarkovModel.load(adapt=name == "markov-live")
     if name.endswith(".npz"):
         return MarkovModel.load(name)

@@ -21,12 +21,16 @@ while a response is being generated: :meth:`Controls.set` between events,
 * **max polyphony**: shifts whose onset would have ``max_polyphony`` notes of
   the response already sounding get ``-inf``; so do shifts at which every
   allowed monophonic part (``monophonic``) is still sounding, and a sounding
-  monophonic part gets ``-inf`` part logits.  If no shift of the encoding is
-  possible, the longest shift class (whose meaning is "this long or longer")
-  is taken and the note waits until a voice is free;
-* **density**: shift logits are tilted (``+ beta * shift``) so that the mean
-  shift is the model's own divided by ``density``, times a feedback factor
-  (0.5..2) that pulls the notes per beat of the response toward ``density``
+  monophonic part gets ``-inf`` part logits.  When the parts the model
+  wants at the drawn onset (more than half its part probability) still
+  sound, the onset moves to when the first of them is free (a melody waits
+  for its note to end instead of passing to another part).  If no shift of the
+  encoding is possible, the longest shift class (whose meaning is "this long
+  or longer") is taken and the note waits until a voice is free;
+* **density**: the logits of shifts above 0 are tilted (``+ beta * shift``,
+  their total probability kept: chords are the model's business) so that
+  their mean is the model's own divided by ``density``, times a feedback factor
+  (0.7..1.4) that pulls the notes per beat of the response toward ``density``
   times those of the context; durations are tilted alike (monophonic parts
   can only play more notes if they play shorter ones);
 * **motif repetition**: the leading line of the context (its first
@@ -65,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 HARD_LOCK = 50.0  # nats: a key lock this strong forbids pitches outside the scale
 MOTIF_GAIN = 6.0  # nats of bias at motif_repetition = 1
 MOTIF_NOTES = 8
+MONO_INSIST = 0.5  # a note waits when the parts the model wants for it (this share) still sound
 MOTIF_MIN_NOTES = 4
 POS_CLASSES = 96  # positions in bar the models know (coplayer.gen.data.POS_CLASSES)
 NEG_INF = -np.inf
@@ -77,6 +82,11 @@ MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10, 11)  # natural minor plus the leading tone
 _NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 _LETTERS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 _KEY_RE = re.compile(r"\s*([A-Ga-g])([#b]?)\s+(major|minor)\s*", re.IGNORECASE)
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = x.max()
+    return float(m + np.log(np.exp(x - m).sum())) if np.isfinite(m) else float(m)
 
 
 # -- keys -------------------------------------------------------------------------
@@ -121,13 +131,18 @@ def detect_key(pitches: Sequence[int], weights: Sequence[float] | None = None) -
     hist = np.bincount(pitches % 12, weights=w, minlength=12)
     if hist.std() == 0:
         return None
-    best, best_r = None, -2.0
-    for mode, profile in (("major", MAJOR_PROFILE), ("minor", MINOR_PROFILE)):
-        for tonic in range(12):
-            r = np.corrcoef(hist, np.roll(profile, tonic))[0, 1]
-            if r > best_r:
-                best, best_r = Key(tonic, mode), r
-    return best
+    r = _KEY_PROFILES @ ((hist - hist.mean()) / hist.std())  # Pearson r with each of the 24 keys
+    best = int(np.argmax(r))
+    return Key(best % 12, "major" if best < 12 else "minor")
+
+
+def _standardised_profiles() -> np.ndarray:
+    rows = [np.roll(profile, tonic) for profile in (MAJOR_PROFILE, MINOR_PROFILE) for tonic in range(12)]
+    z = np.array([(r - r.mean()) / r.std() for r in rows])
+    return z / 12  # so that z @ standardised histogram is Pearson's r
+
+
+_KEY_PROFILES = _standardised_profiles()
 
 
 # -- controls ---------------------------------------------------------------------
@@ -486,14 +501,27 @@ class Sampler:
             if 0 <= s_due < max_shift:
                 lg[s_due + 1:] -= w
         density = self._density(c, run, call_rate)
-        lg = self._tilt(lg, density)
+        lg = self._tilt(lg, density, first=1)  # shift 0 (a chord) is texture, not tempo
+        part_end = np.array(run.part_end)
         shift = self._sample(lg, c, rng)
         onset = forced_onset if forced_onset is not None and shift == max_shift else run.last + shift
         if onset >= run.end:
             return None
         # part
-        lg = np.array(model.field_logits("part", {"shift": shift}), dtype=np.float64) + self._part_bias
-        busy = self._mono & (np.array(run.part_end) > onset)
+        part_lg = np.array(model.field_logits("part", {"shift": shift}), dtype=np.float64) + self._part_bias
+        busy = self._mono & (part_end > onset)
+        if busy.any():
+            p = np.exp(part_lg - part_lg.max())
+            if p[busy].sum() > MONO_INSIST * p.sum():
+                # the part the model wants still sounds: the note waits until it is free
+                # (past the longest shift, that class: "this long or longer")
+                onset = int(part_end[busy].min())
+                shift = min(onset - run.last, max_shift)
+                if onset >= run.end:
+                    return None
+                part_lg = np.array(model.field_logits("part", {"shift": shift}), dtype=np.float64) + self._part_bias
+                busy = self._mono & (part_end > onset)
+        lg = part_lg
         lg[busy] = NEG_INF
         if quoting and onset == run.due:
             lg[run.quote_part] += w
@@ -557,20 +585,22 @@ class Sampler:
 
     def _density(self, c: Controls, run: _Run, call_rate: float | None) -> float:
         """How much busier than the model the response should be: ``density``, times a
-        feedback factor (0.5..2) toward ``density`` x the context's notes per beat."""
+        feedback factor (sqrt of 0.5..2) toward ``density`` x the context's notes per beat."""
         factor = c.density
         if call_rate and run.count:
             elapsed = (run.last - run.start) / self.encoding.ticks_per_beat + 1.0
             wanted = c.density * call_rate * elapsed + 2.0
-            factor *= min(2.0, max(0.5, wanted / (run.count + 2.0)))
+            factor *= min(2.0, max(0.5, wanted / (run.count + 2.0))) ** 0.5
         return factor
 
     @staticmethod
-    def _tilt(lg: np.ndarray, factor: float) -> np.ndarray:
-        """Logits + beta * class, beta such that the mean class is divided by ``factor``."""
+    def _tilt(lg: np.ndarray, factor: float, first: int = 0) -> np.ndarray:
+        """Logits + beta * class for the classes from ``first`` on (their total
+        probability kept), beta such that their mean class is divided by ``factor``."""
         if abs(np.log(factor)) < 0.1:
             return lg
-        p = np.exp(lg - lg.max())
+        x = lg[first:]
+        p = np.exp(x - x.max())
         support = np.flatnonzero(p > 1e-6)  # the rest cannot move the mean
         if len(support) < 2:
             return lg
@@ -578,7 +608,7 @@ class Sampler:
         p = p[support]
         target = (p @ s) / p.sum() / factor
         beta = 0.0
-        for _ in range(4):  # Newton on E_beta[shift] = target; d/dbeta E = Var
+        for _ in range(4):  # Newton on E_beta[class] = target; d/dbeta E = Var
             q = p * np.exp(beta * s)
             q /= q.sum()
             m = q @ s
@@ -586,7 +616,10 @@ class Sampler:
             if var < 1e-9:
                 break
             beta = min(1.0, max(-1.0, beta + (target - m) / var))
-        return lg + beta * np.arange(len(lg))
+        out = lg.copy()
+        tilted = x + beta * np.arange(len(x))
+        out[first:] = tilted + (_logsumexp(x) - _logsumexp(tilted))
+        return out
 
     @staticmethod
     def _sample(logits: np.ndarray, c: Controls, rng: np.random.Generator) -> int:
@@ -597,6 +630,9 @@ class Sampler:
             raise RuntimeError("every class is forbidden (the constraints leave nothing to sample)")
         p = np.exp(x - m)
         if c.top_p < 1.0:
+            total = p.sum()
+            if total * c.top_p <= 1.0:  # the likeliest class alone holds top_p: the nucleus is it
+                return int(x.argmax())
             order = np.argsort(-p, kind="stable")
             cum = np.cumsum(p[order])
             k = int(np.searchsorted(cum, c.top_p * cum[-1])) + 1
