@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test train train-instrument train-continue train-markov bench eval clean
+.PHONY: demo test test-e2e train train-instrument train-continue train-markov bench bench-e2e eval clean
 
 # Runtime only: no torch, no music21.
 $(BIN)/.runtime: pyproject.toml
@@ -52,6 +52,15 @@ eval: $(BIN)/.dev
 bench: $(BIN)/.dev
 	$(BIN)/python benchmarks/instrument_step.py
 	$(BIN)/python benchmarks/continue_speed.py
+
+# End to end through real JACK ports (needs a JACK server, e.g. the dummy driver).
+# End-to-end through real JACK ports: not in `make test` until JACK runs
+# without xruns on CI (real-time scheduling or a larger period).
+test-e2e: $(BIN)/.dev
+	$(BIN)/python -m pytest -q tests_e2e
+
+bench-e2e: $(BIN)/.runtime
+	$(BIN)/python benchmarks/e2e_latency.py --png out/e2e_latency.png
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -119,6 +119,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                model=args.model)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from coplayer.bench import main as bench
+
+    return bench(notes=args.notes, as_json=args.json, png=args.png)
+
+
 def _cmd_ports(args: argparse.Namespace) -> int:
     from coplayer.io.rtmidi_backend import compiled_apis, list_ports, resolve_api
 
@@ -149,6 +155,8 @@ COMMANDS = {
     "demo": ("replay the bundled piece through the live engine; write session.mid and roll.png, "
              "print latency", _cmd_demo),
     "ports": ("list the MIDI input and output ports, and the MIDI APIs compiled in", _cmd_ports),
+    "bench": ("end-to-end latency through real JACK ports beside the bare JACK loop floor, "
+              "and the highest note rate with no loss", _cmd_bench),
 }
 
 
@@ -235,6 +243,12 @@ def _add_ports(p: argparse.ArgumentParser) -> None:
                    help="the MIDI system to ask (default: midi.api of the configuration)")
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--notes", type=int, default=2000, help="notes played at realistic densities (default 2000)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--png", metavar="PATH", help="write a histogram of both latency distributions")
+
+
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=["instrument"], help="which model to train")
     p.add_argument("extra", nargs=argparse.REMAINDER,
@@ -250,6 +264,7 @@ ADDERS = {
     "run": _add_run,
     "demo": _add_demo,
     "ports": _add_ports,
+    "bench": _add_bench,
 }
 
 

@@ -1,0 +1,565 @@
+"""End-to-end latency through real JACK ports, beside the bare JACK loop floor.
+
+``coplayer bench`` starts ``coplayer run --api jack`` as a separate process,
+opens its own JACK client (one output port, one input port per coplayer
+output, one "floor" input) and connects them with ``jack_connect``::
+
+    bench out --> coplayer in --> coplayer --> coplayer <part> --> bench <part>
+    bench out ------------------------------------------------> bench floor
+
+Every note-on is timestamped just before it is sent and again by the
+receiving input's reader (``now_ns``, the clock of :mod:`coplayer.io`), so
+each note gives one end-to-end and one floor latency in the same run, under
+the same pacing.  Then the rate is stepped up (50 to 2,000 notes/s) and the
+highest rate with no lost note, no stuck note and no fallback decision
+(coplayer's ``misses``, read from its OSC ``/coplayer/stats``) is reported.
+
+The pieces (:class:`CoplayerProcess`, :class:`Peer`, :func:`jack_connect`,
+the note schedules) are also what ``tests/test_e2e_jack.py`` plays with.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coplayer.errors import CoplayerError
+from coplayer.io.ports import Message, now_ns
+
+__all__ = [
+    "BenchError", "CoplayerProcess", "Peer", "StatsListener", "bench", "chord", "free_udp_port",
+    "jack_connect", "jack_ports", "main", "rate_steps", "realistic", "run_notes", "single_notes",
+]
+
+PARTS = ("soprano", "alto", "tenor", "bass")
+OUTPUTS = (*PARTS, "thru", "drums")
+NOTE_ON, NOTE_OFF, CC = 0x90, 0x80, 0xB0
+VELOCITY = 90
+RATES = (50, 100, 200, 500, 1000, 2000)  # notes/s, each for STEP_S
+STEP_S = 3.0
+SETTLE_S = 0.4  # after the last note-off of a section, for stragglers
+PORT_WAIT_S = 20.0
+
+
+class BenchError(CoplayerError, RuntimeError):
+    """The benchmark could not run (no JACK server, coplayer did not start...)."""
+
+
+# --- JACK and OSC helpers ---------------------------------------------------------
+
+
+def jack_ports() -> list[str]:
+    """Full names of every JACK port ("client:port")."""
+    out = subprocess.run(["jack_lsp"], capture_output=True, text=True, timeout=10)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def find_port(short: str, ports: list[str] | None = None) -> str | None:
+    """The full name of the port whose own name is ``short`` (clients vary:
+    rtmidi makes one JACK client per port, "coplayer", "coplayer-01", ...)."""
+    hits = [p for p in (ports if ports is not None else jack_ports()) if p.split(":", 1)[-1] == short]
+    return hits[0] if len(hits) == 1 else None
+
+
+def wait_ports(shorts: list[str], timeout_s: float = PORT_WAIT_S, alive=lambda: True) -> dict[str, str]:
+    """{short name: full name} once every port exists."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ports = jack_ports()
+        found = {s: find_port(s, ports) for s in shorts}
+        if all(found.values()):
+            return found
+        if time.monotonic() > deadline or not alive():
+            missing = [s for s, f in found.items() if not f]
+            raise BenchError(f"JACK ports did not appear: {missing}; present: {ports}")
+        time.sleep(0.1)
+
+
+def jack_connect(source: str, destination: str) -> None:
+    done = subprocess.run(["jack_connect", source, destination], capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        raise BenchError(f"jack_connect {source} {destination} failed: {done.stderr.strip()}")
+
+
+def jack_available() -> bool:
+    if not shutil.which("jack_wait"):
+        return False
+    check = subprocess.run(["jack_wait", "-c"], capture_output=True, text=True, timeout=10)
+    return check.stdout.strip() == "running"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StatsListener:
+    """Receives coplayer's OSC feed: the latest ``/coplayer/stats`` and every
+    message, (address, args)."""
+
+    def __init__(self, port: int) -> None:
+        from pythonosc.dispatcher import Dispatcher
+        from pythonosc.osc_server import ThreadingOSCUDPServer
+
+        self.messages: list[tuple[str, tuple]] = []
+        self.stats: tuple | None = None
+        self.stats_count = 0
+        self._lock = threading.Lock()
+        dispatcher = Dispatcher()
+        dispatcher.set_default_handler(self._handle)
+        self._server = ThreadingOSCUDPServer(("127.0.0.1", port), dispatcher)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="bench-osc", daemon=True)
+        self._thread.start()
+
+    def _handle(self, address: str, *args) -> None:
+        with self._lock:
+            self.messages.append((address, args))
+            if address == "/coplayer/stats":
+                self.stats, self.stats_count = args, self.stats_count + 1
+
+    def fresh_stats(self, timeout_s: float = 3.0) -> tuple | None:
+        """The first stats message sent after this call."""
+        start = self.stats_count
+        deadline = time.monotonic() + timeout_s
+        while self.stats_count == start and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.stats if self.stats_count > start else None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --- coplayer as a separate process -------------------------------------------------
+
+
+@dataclass
+class CoplayerProcess:
+    """``coplayer run --api jack --quiet`` with its own client name (so that
+    several can run at once), OSC on free ports, no session recording."""
+
+    name: str = field(default_factory=lambda: f"cpb{os.getpid()}x{random.randrange(10**6)}")
+    mode: str = "instrument"
+    settings: dict[str, object] = field(default_factory=dict)
+    osc_in: int = field(default_factory=free_udp_port)
+    osc_out: int = field(default_factory=free_udp_port)
+    proc: subprocess.Popen | None = None
+    ports: dict[str, str] = field(default_factory=dict)  # "in" / part -> full JACK name
+    output: str = ""
+
+    def short(self, what: str) -> str:
+        return f"{self.name} {what}"
+
+    def args(self) -> list[str]:
+        values = {"midi.api": "jack", "midi.client_name": self.name, "midi.virtual_input_name": self.short("in"),
+                  "mode": self.mode, "session.record": "false", "osc.in_port": self.osc_in,
+                  "osc.out_port": self.osc_out, **self.settings}
+        sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+        return [sys.executable, "-m", "coplayer", "run", "--api", "jack", "--quiet", *sets]
+
+    def start(self) -> CoplayerProcess:
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     stdin=subprocess.DEVNULL)
+        try:
+            found = wait_ports([self.short(w) for w in ("in", *OUTPUTS)], alive=lambda: self.proc.poll() is None)
+        except BenchError:
+            self.stop()
+            raise BenchError(f"coplayer did not open its ports; it said: {self.output.strip()[-2000:]}") from None
+        self.ports = {w: found[self.short(w)] for w in ("in", *OUTPUTS)}
+        return self
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM, wait; returns the exit code (kills after ``timeout_s``)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.output, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.output, _ = self.proc.communicate()
+        return self.proc.returncode
+
+    def __enter__(self) -> CoplayerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+# --- the bench's own JACK client ----------------------------------------------------
+
+
+class Peer:
+    """One output port and any number of input ports (virtual, JACK API);
+    every received message is kept as (input name, message, t_ns)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        from coplayer.io.rtmidi_backend import RtMidiOutput
+
+        self.name = name or f"cpbpeer{os.getpid()}x{random.randrange(10**6)}"
+        self.out = RtMidiOutput(f"{self.name} out", virtual=True, api="jack", client_name=self.name)
+        self.inputs: dict[str, object] = {}
+        self.received: list[tuple[str, Message, int]] = []
+        self._lock = threading.Lock()
+
+    def listen(self, label: str) -> str:
+        """Open input ``label``; returns its full JACK name."""
+        from coplayer.io.rtmidi_backend import RtMidiInput
+
+        def keep(msg: Message, t_ns: int, label=label) -> None:
+            with self._lock:
+                self.received.append((label, msg, t_ns))
+
+        self.inputs[label] = RtMidiInput(f"{self.name} {label}", virtual=True, api="jack",
+                                         client_name=self.name, on_message=keep)
+        return wait_ports([f"{self.name} {label}"])[f"{self.name} {label}"]
+
+    def out_port(self) -> str:
+        return wait_ports([f"{self.name} out"])[f"{self.name} out"]
+
+    def attach(self, coplayer: CoplayerProcess, floor: bool = False) -> None:
+        """Connect the output to coplayer's input and every coplayer output to an input here."""
+        out = self.out_port()
+        jack_connect(out, coplayer.ports["in"])
+        for what in OUTPUTS:
+            jack_connect(coplayer.ports[what], self.listen(what))
+        if floor:
+            jack_connect(out, self.listen("floor"))
+
+    def events(self, labels=None, since_ns: int = 0) -> list[tuple[str, Message, int]]:
+        with self._lock:
+            return [e for e in self.received if e[2] >= since_ns and (labels is None or e[0] in labels)]
+
+    def send(self, msg: Message) -> int:
+        t = now_ns()
+        self.out.send(msg)
+        return t
+
+    def play(self, schedule: list[tuple[float, Message]]) -> list[tuple[int, Message]]:
+        """Send (seconds from now, message) at their times; returns (t_ns sent, message)."""
+        start, sent = time.perf_counter(), []
+        for at, msg in schedule:
+            wait = start + at - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)  # sleeping, not spinning: the readers need the GIL
+            sent.append((self.send(msg), msg))
+        return sent
+
+    def wait_quiet(self, quiet_s: float = SETTLE_S, timeout_s: float = 5.0) -> None:
+        """Until nothing has arrived for ``quiet_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                last = self.received[-1][2] if self.received else 0
+            if (now_ns() - last) / 1e9 >= quiet_s:
+                return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.out.close()
+        for port in self.inputs.values():
+            port.close()
+
+
+# --- note schedules -------------------------------------------------------------------
+
+LOW, HIGH = 48, 76  # where every part can take some notes
+
+
+def _note(at: float, pitch: int, dur: float, channel: int = 0) -> list[tuple[float, Message]]:
+    return [(at, (NOTE_ON | channel, pitch, VELOCITY)), (at + dur, (NOTE_OFF | channel, pitch, 0))]
+
+
+def single_notes(n: int, rate: float, rng: random.Random, start: float = 0.0) -> list[tuple[float, Message]]:
+    """Separate notes, ``rate`` per second, each sounding 60 % of the gap."""
+    gap = 1.0 / rate
+    return [m for i in range(n) for m in _note(start + i * gap, rng.randrange(LOW, HIGH), gap * 0.6)]
+
+
+def chord(at: float, pitches: list[int], rng: random.Random, dur: float = 0.3) -> list[tuple[float, Message]]:
+    """A chord as a person plays it: the keys a few ms apart, in any order."""
+    order = rng.sample(pitches, len(pitches))
+    out, t = [], at
+    for p in order:
+        out.append((t, (NOTE_ON, p, VELOCITY)))
+        t += rng.uniform(0.002, 0.012)
+    out += [(at + dur + rng.uniform(0, 0.02), (NOTE_OFF, p, 0)) for p in order]
+    return out
+
+
+def chords(n: int, rng: random.Random, start: float = 0.0, gap: float = 0.4) -> list[tuple[float, Message]]:
+    shapes = ([0, 4, 7, 12], [0, 3, 7, 10], [0, 5, 9, 14], [0, 7, 12, 16])
+    out = []
+    for i in range(n):
+        root = rng.randrange(40, 56)
+        out += chord(start + i * gap, [root + s for s in rng.choice(shapes)], rng, dur=gap * 0.75)
+    return out
+
+
+def run_notes(n: int, rng: random.Random, start: float = 0.0, rate: float = 20.0) -> list[tuple[float, Message]]:
+    """A scale run up and down at ``rate`` notes/s, legato."""
+    scale = [0, 2, 4, 5, 7, 9, 11]
+    base = rng.randrange(52, 60)
+    pitches = [base + 12 * (i // 7) + scale[i % 7] for i in range(8)]
+    line = (pitches + pitches[-2:0:-1]) * (n // 14 + 1)
+    return [m for i, p in enumerate(line[:n]) for m in _note(start + i / rate, p, 0.9 / rate)]
+
+
+def bursts(n: int, rng: random.Random, start: float = 0.0, size: int = 8) -> list[tuple[float, Message]]:
+    """Groups of ``size`` notes 5 ms apart (a glissando, a flam), 0.5 s between groups."""
+    out = []
+    for g in range(n // size):
+        at = start + g * 0.5
+        pitches = rng.sample(range(LOW, HIGH), size)
+        out += [m for i, p in enumerate(pitches) for m in _note(at + i * 0.005, p, 0.15)]
+    return out
+
+
+def realistic(total: int, rng: random.Random) -> list[tuple[float, Message]]:
+    """``total`` notes: a quarter each of single notes (8/s), four-note chords,
+    runs at 20 notes/s and bursts, one section after another."""
+    q = total // 4
+    sections, at = [], 0.0
+    for make in (lambda s: single_notes(q, 8.0, rng, s), lambda s: chords(q // 4, rng, s),
+                 lambda s: run_notes(q, rng, s), lambda s: bursts(q, rng, s)):
+        part = make(at)
+        sections += part
+        at = max(t for t, _ in part) + 0.3
+    return sorted(sections, key=lambda e: e[0])
+
+
+def rate_steps(rate: float, seconds: float, rng: random.Random) -> list[tuple[float, Message]]:
+    """``rate`` notes/s for ``seconds``, each note held for two gaps (two sound at once)."""
+    n = int(rate * seconds)
+    gap = 1.0 / rate
+    schedule = [m for i in range(n) for m in _note(i * gap, LOW + (i * 7) % (HIGH - LOW), min(0.1, 2 * gap))]
+    return sorted(schedule, key=lambda e: e[0])
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+def is_on(msg: Message) -> bool:
+    return len(msg) == 3 and msg[0] & 0xF0 == NOTE_ON and msg[2] > 0
+
+
+def is_off(msg: Message) -> bool:
+    return len(msg) == 3 and (msg[0] & 0xF0 == NOTE_OFF or (msg[0] & 0xF0 == NOTE_ON and msg[2] == 0))
+
+
+def sounding_after(events) -> dict[tuple[str, int, int], int]:
+    """(port, channel, pitch) -> note-ons not yet ended; All Notes Off (CC 123)
+    and All Sound Off (CC 120) end every note of their port and channel."""
+    count: dict[tuple[str, int, int], int] = defaultdict(int)
+    for label, msg, _t in events:
+        ch = msg[0] & 0x0F
+        if is_on(msg):
+            count[(label, ch, msg[1])] += 1
+        elif is_off(msg) and count.get((label, ch, msg[1])):
+            count[(label, ch, msg[1])] -= 1
+        elif len(msg) == 3 and msg[0] & 0xF0 == CC and msg[1] in (120, 123):
+            for key in [k for k in count if k[0] == label and k[1] == ch]:
+                count[key] = 0
+    return {k: v for k, v in count.items() if v}
+
+
+def match(sent: list[tuple[int, Message]], arrived, labels) -> dict[int, float]:
+    """{index in ``sent`` of a note-on: ms until it arrived on ``labels``}.
+    An arrival matches the latest unmatched note-on of its pitch sent before
+    it, so one lost note does not shift the others."""
+    sends: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for i, (t, msg) in enumerate(sent):
+        if is_on(msg):
+            sends[msg[1]].append((t, i))
+    found = {}
+    for label, msg, t in sorted(arrived, key=lambda e: e[2]):
+        if label not in labels or not is_on(msg) or not sends.get(msg[1]):
+            continue
+        times = sends[msg[1]]
+        k = bisect.bisect_right(times, (t, len(sent))) - 1
+        if k >= 0:
+            t_sent, i = times.pop(k)
+            found[i] = (t - t_sent) / 1e6
+    return found
+
+
+def latencies(sent: list[tuple[int, Message]], arrived, labels=PARTS) -> tuple[list[float], int, int]:
+    """(ms to coplayer's parts of each note-on, notes lost by coplayer, notes
+    lost by JACK itself).  A note the floor input did not get either is
+    JACK's loss (or the sender's), not coplayer's; without a floor input
+    every missing note counts as coplayer's."""
+    e2e = match(sent, arrived, labels)
+    ons = [i for i, (_, m) in enumerate(sent) if is_on(m)]
+    has_floor = any(e[0] == "floor" for e in arrived)
+    floor = match(sent, arrived, ("floor",)) if has_floor else {i: 0.0 for i in ons}
+    lost = sum(1 for i in ons if i in floor and i not in e2e)
+    return list(e2e.values()), lost, sum(1 for i in ons if i not in floor)
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    a = np.asarray(ms)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+@dataclass
+class Result:
+    e2e_ms: list[float]
+    floor_ms: list[float]
+    notes: int
+    lost: int
+    stuck: int
+    max_notes_per_s: int
+    steps: list[dict]
+    jack_lost: int = 0  # notes the bare JACK loop lost too (not counted in ``lost``)
+
+    def figures(self) -> dict:
+        e, f = summary(self.e2e_ms), summary(self.floor_ms)
+        return {"e2e_p50_ms": round(e["p50"], 3), "e2e_p99_ms": round(e["p99"], 3), "e2e_max_ms": round(e["max"], 3),
+                "floor_p50_ms": round(f["p50"], 3), "floor_p99_ms": round(f["p99"], 3), "notes": self.notes,
+                "lost": self.lost, "stuck": self.stuck, "max_notes_per_s": self.max_notes_per_s}
+
+    def report(self) -> list[str]:
+        e, f = summary(self.e2e_ms), summary(self.floor_ms)
+        lines = [
+            f"end to end  ({len(self.e2e_ms)} notes): p50 {e['p50']:.3f} ms, p99 {e['p99']:.3f} ms, "
+            f"max {e['max']:.3f} ms, jitter {e['p99'] - e['p50']:.3f} ms",
+            f"JACK floor  ({len(self.floor_ms)} notes): p50 {f['p50']:.3f} ms, p99 {f['p99']:.3f} ms, "
+            f"max {f['max']:.3f} ms, jitter {f['p99'] - f['p50']:.3f} ms",
+            f"over the floor: p99 +{e['p99'] - f['p99']:.3f} ms; lost {self.lost}, stuck {self.stuck} of {self.notes} "
+            f"(and {self.jack_lost} lost by JACK itself, on the bare loop too)",
+        ]
+        for s in self.steps:
+            lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
+                         f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms -> {'ok' if s['ok'] else 'FAIL'}")
+        lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s")
+        return lines
+
+
+def _section(peer: Peer, schedule) -> tuple[list[tuple[int, Message]], list]:
+    """Play a schedule; (sent, what arrived meanwhile), after the stragglers."""
+    since = now_ns()
+    sent = peer.play(schedule)
+    peer.wait_quiet()
+    return sent, peer.events(since_ns=since)
+
+
+def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> dict:
+    before = stats.fresh_stats()
+    sent, arrived = _section(peer, rate_steps(rate, STEP_S, rng))
+    after = stats.fresh_stats()
+    ms, lost, jack_lost = latencies(sent, arrived)
+    misses = (after[4] - before[4]) if before and after else -1
+    stuck = sum(sounding_after([e for e in arrived if e[0] in PARTS]).values())
+    return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
+            "misses": misses,
+            "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
+
+
+def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Result:
+    """Run the whole benchmark against a fresh coplayer process."""
+    if not jack_available():
+        raise BenchError("no JACK server runs: start one, e.g. `jackd --no-realtime -d dummy -r 48000 -p 64`")
+    say = progress or (lambda _msg: None)
+    rng = random.Random(seed)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # the readers timestamp promptly while the sender works
+    cp = CoplayerProcess(settings={"latency.stats_interval_s": 0.2})
+    stats = StatsListener(cp.osc_out)
+    peer = None
+    try:
+        cp.start()
+        peer = Peer()
+        peer.attach(cp, floor=True)
+        time.sleep(0.3)
+        say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
+        sent, arrived = _section(peer, realistic(notes, rng))
+        e2e, lost, jack_lost = latencies(sent, arrived)
+        floor = list(match(sent, arrived, ("floor",)).values())
+        stuck = sum(sounding_after([e for e in arrived if e[0] in PARTS]).values())
+        steps, best = [], 0
+        for rate in rates:
+            say(f"{rate} notes/s for {STEP_S:g} s")
+            step = _step(peer, stats, rate, rng)
+            steps.append(step)
+            if not step["ok"]:
+                break
+            best = rate
+        return Result(e2e, floor, sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost)
+    finally:
+        if peer is not None:
+            peer.close()
+        cp.stop()
+        stats.close()
+        sys.setswitchinterval(switch)
+
+
+# --- the histogram ------------------------------------------------------------------
+
+
+def histogram_png(result: Result, path: str | os.PathLike, width: int = 640, height: int = 320) -> None:
+    """Both latency distributions on one histogram (floor grey, end to end blue)."""
+    from coplayer.plot import draw_text, write_png
+
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    pad, top = 40, 30
+    data = [(result.floor_ms, (150, 150, 150)), (result.e2e_ms, (40, 90, 200))]
+    every = [x for ms, _ in data for x in ms]
+    if not every:
+        write_png(path, img)
+        return
+    hi = max(float(np.percentile(every, 99.9)) * 1.1, 0.5)
+    bins = np.linspace(0.0, hi, 61)
+    counts = [np.histogram(np.clip(ms, 0, hi), bins)[0] for ms, _ in data]
+    peak = max(int(c.max()) for c in counts) or 1
+    plot_w, plot_h = width - 2 * pad, height - top - pad
+    bar_w = plot_w / (len(bins) - 1)
+    for (_, colour), c in zip(data, counts):
+        for i, n in enumerate(c):
+            h = int(round(plot_h * n / peak))
+            if h:
+                x0 = pad + int(i * bar_w)
+                x1 = max(x0 + 1, pad + int((i + 1) * bar_w) - 1)
+                img[top + plot_h - h:top + plot_h, x0:x1] = colour
+    img[top + plot_h, pad:pad + plot_w] = 0
+    draw_text(img, pad, 8, "latency ms: floor (grey) vs end to end (blue)", 0)
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = pad + int(frac * (plot_w - 1))
+        img[top + plot_h:top + plot_h + 4, x] = 0
+        draw_text(img, max(0, x - 10), top + plot_h + 8, f"{frac * hi:.2f}", 0)
+    write_png(path, img)
+
+
+def main(notes: int = 2000, as_json: bool = False, png: str | None = None, stream=None) -> int:
+    """``coplayer bench``."""
+    stream = stream if stream is not None else sys.stdout
+    say = None if as_json else (lambda msg: print(msg, file=stream, flush=True))
+    result = bench(notes, progress=say)
+    if png:
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
+        histogram_png(result, png)
+    if as_json:
+        print(json.dumps(result.figures()), file=stream)
+    else:
+        print("\n".join(result.report()), file=stream)
+        if png:
+            print(f"wrote {png}", file=stream)
+    return 0
