@@ -7,8 +7,9 @@ RUN_DIR is a ``models.train_continue`` run (``checkpoint.pt``,
 staging directory first (graph names from :mod:`coplayer.gen.runner`):
 
 - ``<name>.onnx``: the decoder, ``decode(events [1,T,5], pos [1,T], cache)``
-  -> last hidden state and new cache; T is dynamic (1 = a step, up to the
-  window = a prefill), the cache has a fixed size;
+  -> last hidden state and the new events' keys/values; T is dynamic (1 = a
+  step, up to the window = a chunk), the ring cache has a fixed size;
+- ``<name>-prefill.onnx``: the same without a cache, for the first events;
 - ``<name>-<field>.onnx``: one head per field (hidden + earlier fields -> logits);
 - ``<name>.json``: the card (encoding, hparams, training, metrics, every
   graph with its sha256 and size, parity).
@@ -42,7 +43,8 @@ import coplayer
 from coplayer.errors import CoplayerError, ModelError
 from coplayer.gen.data import EventPiece, load_pieces
 from coplayer.gen.encoding import FIELDS, Encoding
-from coplayer.gen.runner import DECODER, TASK, OnnxEventModel, RingCache, decoder_names, graph_file, head_names
+from coplayer.gen.runner import (DECODER, NO_INTERVAL, PREFILL, TASK, OnnxEventModel, PitchContext, RingCache,
+                                 decoder_names, graph_file, head_names, prefill_names)
 from export.instrument import OPSET, onnxruntime_min, previous_card, strip_debug_info, write_card
 from export.parity import ATOL
 from models.continuation import ContinuationTransformer, DecoderGraph, HeadGraph
@@ -102,21 +104,27 @@ def export_graphs(model: ContinuationTransformer, stage: Path, name: str) -> tup
     ring = RingCache(spec["layers"], spec["heads"], spec["head_dim"], model.hparams["window"])
     events = torch.stack([torch.randint(0, n, (1, 3)) for n in sizes], dim=-1)
     pos = torch.randint(0, model.hparams["n_pos"], (1, 3))
+    rel = torch.randint(0, NO_INTERVAL + 1, (1, 3, 2))
     graph = DecoderGraph(model).eval()
     for _ in range(2):
         inputs = {k: torch.from_numpy(v) for k, v in ring.inputs().items()}
-        _, *new = graph(events, pos, *inputs.values())
+        _, *new = graph(events, pos, rel, *inputs.values())
         ring.write([a.numpy() for a in new[:spec["layers"]]], [a.numpy() for a in new[spec["layers"]:]])
-    args = (events, pos, *(torch.from_numpy(v.copy()) for v in ring.inputs().values()))
-    paths = {DECODER: stage / graph_file(name, DECODER)}
+    args = (events, pos, rel, *(torch.from_numpy(v.copy()) for v in ring.inputs().values()))
+    paths = {DECODER: stage / graph_file(name, DECODER), PREFILL: stage / graph_file(name, PREFILL)}
     inputs, outputs = decoder_names(spec["layers"])
     t = Dim("T", min=1, max=model.hparams["window"])
-    _export(graph, args, paths[DECODER], inputs, outputs, ({1: t}, {1: t}, {}, tuple({} for _ in inputs[3:])))
+    _export(graph, args, paths[DECODER], inputs, outputs,
+            ({1: t}, {1: t}, {1: t}, {}, tuple({} for _ in inputs[4:])))
+    _export(DecoderGraph(model, cached=False), (events, pos, rel), paths[PREFILL], *prefill_names(spec["layers"]),
+            ({1: t}, {1: t}, {1: t}))
     hidden = torch.randn(1, model.hparams["dim"])
     target = torch.tensor([[min(3, n - 1) for n in sizes]])
     for k, field_name in enumerate(FIELDS):
         paths[field_name] = stage / graph_file(name, field_name)
         args = (hidden, target[:, :k]) if k else (hidden,)
+        if field_name == "pitch":
+            args += (torch.tensor([62]),)
         _export(HeadGraph(model, k), args, paths[field_name], *head_names(k), None)
     return paths, spec
 
@@ -178,10 +186,12 @@ def check_parity(model: ContinuationTransformer, runner: OnnxEventModel, pieces:
     torch.set_num_threads(1)
     try:
         for piece in pieces:
-            bos_e, bos_p = model.bos()
+            bos_e, bos_p, bos_r = model.bos()
+            rel, anchors = PitchContext(len(runner.encoding.parts)).features(piece.events)
             events = torch.cat([bos_e[0], torch.from_numpy(piece.events)])[None]
             pos = torch.cat([bos_p[0], torch.from_numpy(np.minimum(piece.pos, model.hparams["n_pos"] - 1))])[None]
-            hidden = model(events, pos)[0]  # [N+1, D]: position t scores event t (0-based, after BOS)
+            hidden = model(events, pos, torch.cat([bos_r[0], torch.from_numpy(rel)])[None])[0]
+            # hidden [N+1, D]: position t scores event t (0-based, after BOS)
             runner.reset()
             m = min(prefill, len(piece) - 1)
             runner.feed(piece.events[:m], piece.pos[:m])
@@ -189,7 +199,8 @@ def check_parity(model: ContinuationTransformer, runner: OnnxEventModel, pieces:
                 target = piece.events[t]
                 partial = {}
                 for k, name in enumerate(FIELDS):
-                    expected = model.field_logits(k, hidden[t], torch.from_numpy(target)).numpy()
+                    expected = model.field_logits(k, hidden[t], torch.from_numpy(target),
+                                                  torch.tensor(anchors[t])).numpy()
                     got = runner.field_logits(name, partial)
                     diff = float(np.abs(expected - got).max())
                     report.max_abs_diff = max(report.max_abs_diff, diff)
@@ -211,7 +222,8 @@ def make_card(run: Run, name: str, paths: dict[str, Path], cache: dict, metrics:
     graphs = {}
     for role, path in paths.items():
         data = path.read_bytes()
-        ins, outs = decoder_names(cache["layers"]) if role == DECODER else head_names(FIELDS.index(role))
+        names = {DECODER: decoder_names, PREFILL: prefill_names}
+        ins, outs = names[role](cache["layers"]) if role in names else head_names(FIELDS.index(role))
         graphs[role] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data),
                         "inputs": ins, "outputs": outs}
     enc = {k: v for k, v in run.encoding.items() if k != "data"}

@@ -1,14 +1,18 @@
 """The continuation model: a causal transformer over multi-field note events (the ``train`` extra).
 
-Input per event: the sum of one embedding per field (:data:`FIELDS`) and of
-its position in the bar.  A pre-LN decoder (ALiBi positions, every event
+Input per event: the sum of one embedding per field (:data:`FIELDS`), of
+its position in the bar and of two intervals (from its part's last pitch
+and from the last event's, :class:`coplayer.gen.runner.PitchContext`).  A pre-LN decoder (ALiBi positions, every event
 attends to itself and the ``window - 1`` events before it) turns the events
 into hidden states; the hidden state after event t scores event t+1 with
 FIVE heads, one per field, in FIELDS order: head k sees the hidden state
 plus embeddings of the fields 0..k-1 of the event it predicts (teacher
 forced in training, chosen by the sampler live).  MMT predicts a note's
 fields independently; here the pitch knows its part and onset, the duration
-its pitch, and so on.  The loss is the sum of the five cross-entropies.
+its pitch, and so on.  The pitch head adds two experts: absolute pitches
+(register, key) and intervals from the anchor of the chosen part (voice
+leading, transposition-invariant).  The loss is the sum of the five
+cross-entropies.
 
 A piece starts with a BOS event (shift class ``sizes['shift']``, the other
 fields 0), so the first note is scored too.  Streaming uses the same
@@ -16,7 +20,7 @@ sliding window as training, so streaming is exact on unbounded input: ``decode``
 takes T new events and a ring cache of the last ``window - 1`` events (which
 it only reads: the caller writes the new keys/values into it, so no step
 copies the cache) and returns the last hidden state and the new keys/values;
-a prefill for T > 1, a step for T = 1.
+a step for T = 1.  Without a cache it is the prefill of the first events.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from coplayer.gen.encoding import FIELDS
+from coplayer.gen.runner import INTERVAL_CLASSES
 from models.instrument import _Block, alibi_slopes
 
 POS_CLASSES = 96
+PITCH = FIELDS.index("pitch")
+REL_RANGE = 25  # the pitch head's relative classes: -25..+25 semitones from the anchor (the ends: further)
 
 
 class FieldHead(nn.Module):
@@ -61,27 +68,33 @@ class ContinuationTransformer(nn.Module):
         self.bos_shift = sizes[0]  # one extra input class of the shift field
         self.embed = nn.ModuleList(nn.Embedding(n + (i == 0), dim) for i, n in enumerate(sizes))
         self.pos_embed = nn.Embedding(n_pos, dim)
+        self.rel_embed = nn.ModuleList(nn.Embedding(INTERVAL_CLASSES, dim) for _ in range(2))
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout, mlp_ratio) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.cond = nn.ModuleList(nn.Embedding(n, dim) for n in sizes[:-1])
-        self.heads = nn.ModuleList(FieldHead(dim, n, dropout) for n in sizes)
+        # The pitch head scores absolute pitches and intervals from the anchor; their sum is the logit.
+        self.heads = nn.ModuleList(FieldHead(dim, n + (2 * REL_RANGE + 1 if i == PITCH else 0), dropout)
+                                   for i, n in enumerate(sizes))
         self.drop = nn.Dropout(dropout)
         self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
         self.apply(_init)
 
     # -- inputs ------------------------------------------------------------------
 
-    def bos(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The BOS event [B,1,5] and its position [B,1]."""
+    def bos(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The BOS event [B,1,5], its position [B,1] and relative-pitch inputs [B,1,2]."""
         events = torch.zeros(batch, 1, len(FIELDS), dtype=torch.long)
         events[..., 0] = self.bos_shift
-        return events, torch.zeros(batch, 1, dtype=torch.long)
+        rel = torch.full((batch, 1, 2), INTERVAL_CLASSES - 1, dtype=torch.long)
+        return events, torch.zeros(batch, 1, dtype=torch.long), rel
 
-    def embed_events(self, events: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """events [B,T,5] int64, pos [B,T] int64 -> [B,T,D]."""
+    def embed_events(self, events: torch.Tensor, pos: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        """events [B,T,5], pos [B,T], rel [B,T,2] (:class:`~coplayer.gen.runner.PitchContext`) -> [B,T,D]."""
         x = self.pos_embed(pos)
         for i, emb in enumerate(self.embed):
             x = x + emb(events[..., i])
+        for i, emb in enumerate(self.rel_embed):
+            x = x + emb(rel[..., i])
         return self.drop(x)
 
     # -- the decoder ---------------------------------------------------------------
@@ -93,8 +106,9 @@ class ContinuationTransformer(nn.Module):
         allowed = (dist >= 0) & (dist < self.hparams["window"])
         return -self.slopes[:, None, None] * dist.to(self.slopes.dtype), allowed
 
-    def forward(self, events: torch.Tensor, pos: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Training: events [B,T,5], pos [B,T] -> hidden [B,T,D] (after the final LayerNorm).
+    def forward(self, events: torch.Tensor, pos: torch.Tensor, rel: torch.Tensor,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Training: events [B,T,5], pos [B,T], rel [B,T,2] -> hidden [B,T,D] (after the final LayerNorm).
 
         ``segments`` [B,T] (optional) separates pieces packed in one row:
         an event attends only to events of its own segment.
@@ -105,62 +119,66 @@ class ContinuationTransformer(nn.Module):
         if segments is not None:
             allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
         mask = bias[None].masked_fill(~allowed, float("-inf"))
-        x = self.embed_events(events, pos)
+        x = self.embed_events(events, pos, rel)
         for block in self.blocks:
             q, k, v = block.project(x)
             x = block.attend(x, q, k, v, mask)
         return self.ln_f(x)
 
-    def state_names(self) -> list[str]:
-        """The decoder graph's cache inputs: keys then values of each layer."""
-        n = self.hparams["layers"]
-        return [f"k_cache_{i}" for i in range(n)] + [f"v_cache_{i}" for i in range(n)]
-
-    def initial_state(self, batch: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Empty ring caches: keys [B,H,Dh,R] (transposed), values [B,H,R,Dh], ages [R] (R = window-1)."""
+    def initial_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Empty ring caches: keys [H,Dh,R] (transposed), values [H,R,Dh], ages [R] (R = window-1)."""
         h = self.hparams
         slots, dh = h["window"] - 1, h["dim"] // h["heads"]
-        ks = [torch.zeros(batch, h["heads"], dh, slots) for _ in range(h["layers"])]
-        vs = [torch.zeros(batch, h["heads"], slots, dh) for _ in range(h["layers"])]
+        ks = [torch.zeros(h["heads"], dh, slots) for _ in range(h["layers"])]
+        vs = [torch.zeros(h["heads"], slots, dh) for _ in range(h["layers"])]
         return ks, vs, torch.full((slots,), float(h["window"]))
 
-    def decode(self, events: torch.Tensor, pos: torch.Tensor, k_cache: list[torch.Tensor],
-               v_cache: list[torch.Tensor], age: torch.Tensor):
-        """Streaming: T new events after the cached ones -> hidden of the last [B,D], new keys/values.
+    def decode(self, events: torch.Tensor, pos: torch.Tensor, rel: torch.Tensor,
+               k_cache: list[torch.Tensor] | None = None, v_cache: list[torch.Tensor] | None = None,
+               age: torch.Tensor | None = None):
+        """Streaming, one sequence: T new events [1,T,5] (pos [1,T], rel [1,T,2]) after the cached ones
+        -> hidden of the last [1,D],
+        and the keys [H,Dh,T] and values [H,T,Dh] of the new events per layer.
 
         The cache is a ring of ``window - 1`` slots per layer that the caller
-        owns and updates (it is only read here, never copied): keys [B,H,Dh,R]
-        (transposed), values [B,H,R,Dh], and ``age`` [R] float, the number of
+        owns and updates (it is only read here, never copied): keys [H,Dh,R]
+        (transposed), values [H,R,Dh], and ``age`` [R] float, the number of
         events between each slot's event and the last event fed (0 = the last;
-        ``window`` or more = empty).  Returns the keys [B,H,Dh,T] and values
-        [B,H,T,Dh] of the T new events per layer, for the caller to write into
-        the ring.  T = 1 is a step, T up to ``window`` a prefill.
+        ``window`` or more = empty).  Without a cache (``k_cache`` None) the
+        events are the first ones (the prefill graph); T = 1 is a step.  Only
+        the last event goes through the top layer's attention and MLP.
         """
-        b, t = pos.shape
-        window, dh = self.hparams["window"], self.hparams["dim"] // self.hparams["heads"]
-        scale = dh ** -0.5
-        slopes = self.slopes[:, None, None]
-        query = torch.arange(t, device=age.device, dtype=age.dtype)[:, None]
-        dist_c = age[None, :] + 1 + query  # [T,R]: query i to cache slot j
-        bias_c = (-slopes * dist_c).masked_fill(~(dist_c < window), float("-inf"))  # [H,T,R]
+        t = pos.shape[1]
+        heads, window = self.hparams["heads"], self.hparams["window"]
+        dh = self.hparams["dim"] // heads
+        cached = k_cache is not None
         bias_n, allowed_n = self._bias(t, 0)
         bias_n = bias_n.masked_fill(~allowed_n, float("-inf"))  # [H,T,T]
-        x = self.embed_events(events, pos)
+        if cached:
+            dist_c = age[None, :] + 1 + torch.arange(t, dtype=age.dtype)[:, None]  # [T,R]: query i to slot j
+            bias_c = (-self.slopes[:, None, None] * dist_c).masked_fill(~(dist_c < window), float("-inf"))
+        x = self.embed_events(events, pos, rel)[0]  # [T,D]: 2-D, so every Linear is one Gemm
         ks, vs = [], []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            q, k, v = block.project(x)  # [B,H,T,Dh] each
-            ks.append(k.transpose(2, 3))
+            qkv = block.qkv(block.ln1(x)).view(t, 3, heads, dh).permute(1, 2, 0, 3)  # [3,H,T,Dh]
+            q, k, v = qkv[0] * dh ** -0.5, qkv[1].transpose(1, 2), qkv[2]
+            ks.append(k)
             vs.append(v)
             if i == last:  # only the last event's hidden state is needed from here on
-                x, q, bias_c, bias_n = x[:, -1:], q[:, :, -1:], bias_c[:, -1:], bias_n[:, -1:]
-            scores = torch.cat([(q @ k_cache[i]) * scale + bias_c, (q @ k.transpose(2, 3)) * scale + bias_n], dim=-1)
-            p = torch.softmax(scores, dim=-1)
-            slots = k_cache[i].shape[-1]
-            a = p[..., :slots] @ v_cache[i] + p[..., slots:] @ v
-            x = x + block.proj(a.transpose(1, 2).reshape(b, x.shape[1], -1))
+                x, q, bias_n = x[-1:], q[:, -1:], bias_n[:, -1:]
+                if cached:
+                    bias_c = bias_c[:, -1:]
+            scores = q @ k + bias_n
+            if cached:
+                scores = torch.softmax(torch.cat([q @ k_cache[i] + bias_c, scores], dim=-1), dim=-1)
+                slots = k_cache[i].shape[-1]
+                a = scores[..., :slots] @ v_cache[i] + scores[..., slots:] @ v
+            else:
+                a = torch.softmax(scores, dim=-1) @ v
+            x = x + block.proj(a.transpose(0, 1).reshape(x.shape[0], -1))
             x = x + block.mlp(block.ln2(x))
-        return self.ln_f(x[:, -1]), ks, vs
+        return self.ln_f(x[-1:]), ks, vs
 
     # -- the heads -------------------------------------------------------------------
 
@@ -171,20 +189,35 @@ class ContinuationTransformer(nn.Module):
             x = x + self.cond[j](fields[..., j])
         return x
 
-    def field_logits(self, k: int, hidden: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        """Logits of field k of the next event, given its fields 0..k-1 (``fields`` [..., >=k])."""
-        return self.heads[k](self.head_input(k, hidden, fields))
+    def field_logits(self, k: int, hidden: torch.Tensor, fields: torch.Tensor,
+                     anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of field k of the next event, given its fields 0..k-1 (``fields`` [..., >=k]).
 
-    def losses(self, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        The pitch head needs ``anchor`` [...] (int64): the anchor pitch of the
+        chosen part (:meth:`PitchContext.anchor`), -1 for none.
+        """
+        out = self.heads[k](self.head_input(k, hidden, fields))
+        if k != PITCH:
+            return out
+        n = self.sizes[PITCH]
+        absolute, relative = out[..., :n], out[..., n:]
+        anchor = anchor[..., None]
+        steps = torch.arange(n, dtype=anchor.dtype) - anchor  # [..., 128]: interval of each pitch
+        index = steps.clamp(-REL_RANGE, REL_RANGE) + REL_RANGE
+        return absolute + torch.gather(relative, -1, index) * (anchor >= 0).to(out.dtype)
+
+    def losses(self, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+               anchor: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy (nats) per field [5] over positions where ``weight`` [B,T] is 1.
 
-        ``targets`` [B,T,5] is the event after each position (teacher forcing:
-        every head is conditioned on the true earlier fields).
+        ``targets`` [B,T,5] is the event after each position and ``anchor``
+        [B,T] its anchor pitch (teacher forcing: every head is conditioned on
+        the true earlier fields).
         """
         out = []
         w = weight.reshape(-1)
         for k in range(len(FIELDS)):
-            logits = self.field_logits(k, hidden, targets)
+            logits = self.field_logits(k, hidden, targets, anchor)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[..., k].reshape(-1),
                                  reduction="none")
             out.append((ce * w).sum())
@@ -201,26 +234,31 @@ def _init(module: nn.Module) -> None:
 
 
 class DecoderGraph(nn.Module):
-    """``decode`` as a module with flat arguments: (events, pos, age, k_cache_0.., v_cache_0..)
-    -> (hidden, k_new_0.., v_new_0..)."""
+    """``decode`` as a module with flat arguments: (events, pos, rel, age, k_cache_0.., v_cache_0..)
+    -> (hidden, k_new_0.., v_new_0..); with ``cached=False`` (the prefill graph) only (events, pos, rel)."""
 
-    def __init__(self, model: ContinuationTransformer):
+    def __init__(self, model: ContinuationTransformer, cached: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.cached = model, cached
         self.layers = model.hparams["layers"]
 
-    def forward(self, events, pos, age, *cache):
-        hidden, ks, vs = self.model.decode(events, pos, list(cache[:self.layers]), list(cache[self.layers:]), age)
+    def forward(self, events, pos, rel, age=None, *cache):
+        if self.cached:
+            hidden, ks, vs = self.model.decode(events, pos, rel, list(cache[:self.layers]),
+                                               list(cache[self.layers:]), age)
+        else:
+            hidden, ks, vs = self.model.decode(events, pos, rel)
         return (hidden, *ks, *vs)
 
 
 class HeadGraph(nn.Module):
-    """Head k as a module: (hidden [B,D], fields [B,k]) -> logits [B,C] (no fields for k = 0)."""
+    """Head k as a module: (hidden [B,D], fields [B,k] (none for k = 0), anchor [B] for pitch) -> logits [B,C]."""
 
     def __init__(self, model: ContinuationTransformer, k: int):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, hidden, fields=None):
-        x = hidden if fields is None else self.model.head_input(self.k, hidden, fields)
-        return self.model.heads[self.k](x)
+    def forward(self, hidden, fields=None, anchor=None):
+        if fields is None:
+            return self.model.heads[self.k](hidden)
+        return self.model.field_logits(self.k, hidden, fields, anchor)

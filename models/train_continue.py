@@ -28,6 +28,7 @@ import torch
 
 from coplayer.gen.data import POS_CLASSES, SOURCES, EventPiece, load_pieces
 from coplayer.gen.encoding import FIELDS, Encoding
+from coplayer.gen.runner import NO_INTERVAL, PitchContext
 from models.continuation import ContinuationTransformer
 from models.train_instrument import progress
 
@@ -35,12 +36,33 @@ LN2 = math.log(2)
 
 
 @dataclass
+class Seq:
+    """One piece as model inputs: its events, positions, relative-pitch inputs and anchors."""
+
+    events: np.ndarray  # [N,5]
+    pos: np.ndarray  # [N]
+    rel: np.ndarray  # [N,2]
+    anchor: np.ndarray  # [N]: the anchor pitch each event was scored against (-1: none)
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+def to_seq(piece: EventPiece, encoding: Encoding) -> Seq:
+    rel, anchor = PitchContext(len(encoding.parts)).features(piece.events)
+    return Seq(piece.events, piece.pos, rel, anchor, piece.source)
+
+
+@dataclass
 class Rows:
-    """Packed training/eval rows: inputs, next-event targets, target weights, piece ids."""
+    """Packed training/eval rows: inputs, next-event targets (and anchors), target weights, piece ids."""
 
     events: np.ndarray  # [R,L,5]
     pos: np.ndarray  # [R,L]
+    rel: np.ndarray  # [R,L,2]
     targets: np.ndarray  # [R,L,5]
+    anchor: np.ndarray  # [R,L] the target's anchor pitch
     weight: np.ndarray  # [R,L] float32: 1 where the target is the next event of the same piece
     segments: np.ndarray  # [R,L]
     source: np.ndarray  # [R,L] index into SOURCES of the target's piece (-1 padding)
@@ -52,21 +74,22 @@ def bos_event(encoding: Encoding) -> np.ndarray:
     return event
 
 
-def augment(piece: EventPiece, rng: np.random.Generator, encoding: Encoding,
-            transpose: tuple[int, int] = (-5, 6), p_velocity: float = 0.5) -> EventPiece:
+def augment(seq: Seq, rng: np.random.Generator, encoding: Encoding,
+            transpose: tuple[int, int] = (-5, 6), p_velocity: float = 0.5) -> Seq:
     """A random transposition (kept within MIDI 21..108) and, sometimes, another velocity level."""
-    events = piece.events.copy()
+    events, anchor = seq.events.copy(), seq.anchor.copy()
     low, high = int(events[:, 2].min()), int(events[:, 2].max())
     lo, hi = max(transpose[0], 21 - low), min(transpose[1], 108 - high)
     if lo <= hi:
-        events[:, 2] += int(rng.integers(lo, hi + 1))
+        shift = int(rng.integers(lo, hi + 1))
+        events[:, 2] += shift
+        anchor[anchor >= 0] += shift
     if rng.random() < p_velocity:
         events[:, 4] = np.clip(events[:, 4] + int(rng.choice([-3, -2, -1, 1, 2])), 0, encoding.vel_buckets - 1)
-    return EventPiece(piece.key, piece.source, events, piece.pos, piece.meter, piece.pickup)
+    return Seq(events, seq.pos, seq.rel, anchor, seq.source)
 
 
-def pack(pieces: list[EventPiece], length: int, encoding: Encoding, offset: int = 0,
-         split_pieces: bool = True) -> Rows:
+def pack(seqs: list[Seq], length: int, encoding: Encoding, offset: int = 0, split_pieces: bool = True) -> Rows:
     """Pieces (each behind a BOS) packed into rows of ``length`` events.
 
     With ``split_pieces`` the pieces form one stream cut every ``length``
@@ -75,48 +98,51 @@ def pack(pieces: list[EventPiece], length: int, encoding: Encoding, offset: int 
     never lost, except for pieces longer than a row).
     """
     bos = bos_event(encoding)
-    chunks_e, chunks_p, chunks_s, chunks_src = [], [], [], []
-    for i, piece in enumerate(pieces):
-        chunks_e += [bos[None], piece.events]
-        chunks_p += [np.zeros(1, dtype=np.int64), piece.pos]
-        chunks_s.append(np.full(len(piece) + 1, i, dtype=np.int64))
-        chunks_src.append(np.full(len(piece) + 1, SOURCES.index(piece.source), dtype=np.int64))
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("events", "pos", "rel", "anchor", "seg", "src")}
+    for i, seq in enumerate(seqs):
+        n = len(seq) + 1
+        chunks["events"] += [bos[None], seq.events]
+        chunks["pos"] += [np.zeros(1, dtype=np.int64), seq.pos]
+        chunks["rel"] += [np.full((1, 2), NO_INTERVAL, dtype=np.int64), seq.rel]
+        chunks["anchor"] += [np.full(1, -1, dtype=np.int64), seq.anchor]
+        chunks["seg"].append(np.full(n, i, dtype=np.int64))
+        chunks["src"].append(np.full(n, SOURCES.index(seq.source), dtype=np.int64))
+    lengths = [len(s) for s in chunks["seg"]]
+    stream = {k: np.concatenate(v) for k, v in chunks.items()}
+    total = len(stream["seg"])
     if split_pieces:
-        starts = list(range(offset % length, sum(len(s) for s in chunks_s) - 1, length))
-        events, pos = np.concatenate(chunks_e), np.concatenate(chunks_p)
-        seg, src = np.concatenate(chunks_s), np.concatenate(chunks_src)
-    else:
-        starts, total, row_start = [], 0, 0
-        for s in chunks_s:  # greedy: a piece that does not fit opens a new row
-            if total + len(s) - row_start > length and total > row_start:
-                starts.append(row_start)
-                row_start = total
-            total += len(s)
-            while total - row_start > length:
-                starts.append(row_start)
-                row_start += length
-        starts.append(row_start)
-        events, pos = np.concatenate(chunks_e), np.concatenate(chunks_p)
-        seg, src = np.concatenate(chunks_s), np.concatenate(chunks_src)
-        bounds = starts[1:] + [len(seg)]
-        return _rows_between(events, pos, seg, src, starts, bounds, length)
-    bounds = [min(s + length, len(seg)) for s in starts]
-    return _rows_between(events, pos, seg, src, starts, bounds, length)
+        starts = list(range(offset % length, total - 1, length))
+        return _rows_between(stream, starts, [min(s + length, total) for s in starts], length)
+    starts, end, row_start = [], 0, 0
+    for n in lengths:  # greedy: a piece that does not fit opens a new row
+        if end + n - row_start > length and end > row_start:
+            starts.append(row_start)
+            row_start = end
+        end += n
+        while end - row_start > length:
+            starts.append(row_start)
+            row_start += length
+    starts.append(row_start)
+    return _rows_between(stream, starts, starts[1:] + [total], length)
 
 
-def _rows_between(events, pos, seg, src, starts, ends, length) -> Rows:
-    n = len(starts)
-    out = Rows(np.zeros((n, length, len(FIELDS)), np.int64), np.zeros((n, length), np.int64),
-               np.zeros((n, length, len(FIELDS)), np.int64), np.zeros((n, length), np.float32),
+def _rows_between(stream: dict[str, np.ndarray], starts: list[int], ends: list[int], length: int) -> Rows:
+    n, width = len(starts), len(FIELDS)
+    out = Rows(np.zeros((n, length, width), np.int64), np.zeros((n, length), np.int64),
+               np.full((n, length, 2), NO_INTERVAL, np.int64), np.zeros((n, length, width), np.int64),
+               np.full((n, length), -1, np.int64), np.zeros((n, length), np.float32),
                np.full((n, length), -1, np.int64), np.full((n, length), -1, np.int64))
+    events, seg, src = stream["events"], stream["seg"], stream["src"]
     for r, (a, b) in enumerate(zip(starts, ends)):
         m = b - a
-        out.events[r, :m], out.pos[r, :m], out.segments[r, :m] = events[a:b], pos[a:b], seg[a:b]
+        out.events[r, :m], out.pos[r, :m], out.rel[r, :m] = events[a:b], stream["pos"][a:b], stream["rel"][a:b]
+        out.segments[r, :m] = seg[a:b]
         # The target of the last input of a row is the first event of the next (if same piece).
         nxt = min(b + 1, len(seg))
         k = nxt - a - 1
         same = seg[a + 1:nxt] == seg[a:a + k]
         out.targets[r, :k] = np.where(same[:, None], events[a + 1:nxt], 0)  # a BOS is never a target
+        out.anchor[r, :k] = np.where(same, stream["anchor"][a + 1:nxt], -1)
         out.weight[r, :k] = same
         out.source[r, :k] = np.where(same, src[a + 1:nxt], -1)
     out.segments[out.segments < 0] = -1 - np.arange(length)[None].repeat(n, 0)[out.segments < 0]
@@ -128,7 +154,8 @@ def batches(rows: Rows, size: int, rng: np.random.Generator | None):
     for i in range(0, len(order), size):
         idx = order[i:i + size]
         yield tuple(torch.from_numpy(np.ascontiguousarray(a[idx])) for a in
-                    (rows.events, rows.pos, rows.targets, rows.weight, rows.segments, rows.source))
+                    (rows.events, rows.pos, rows.rel, rows.targets, rows.anchor, rows.weight, rows.segments,
+                     rows.source))
 
 
 @torch.no_grad()
@@ -136,15 +163,15 @@ def evaluate(model: ContinuationTransformer, pieces: list[EventPiece], encoding:
              row_length: int = 1024, batch: int = 4) -> dict:
     """NLL of ``pieces`` in bits per event (total and per field), overall and per source."""
     model.eval()
-    rows = pack(pieces, row_length, encoding, split_pieces=False)
+    rows = pack([to_seq(p, encoding) for p in pieces], row_length, encoding, split_pieces=False)
     nats = np.zeros((len(SOURCES), len(FIELDS)))
     counts = np.zeros(len(SOURCES))
-    for events, pos, targets, weight, segments, source in batches(rows, batch, None):
-        hidden = model(events, pos, segments)
+    for events, pos, rel, targets, anchor, weight, segments, source in batches(rows, batch, None):
+        hidden = model(events, pos, rel, segments)
         for s in range(len(SOURCES)):
             w = (source == s).float()
             if w.sum() > 0:
-                nats[s] += model.losses(hidden, targets, w).numpy()
+                nats[s] += model.losses(hidden, targets, w, anchor).numpy()
                 counts[s] += float(w.sum())
     return nll_report(nats, counts)
 
@@ -232,7 +259,8 @@ def main(argv=None) -> int:
                     "events": counts}}
     (args.out / "encoding.json").write_text(json.dumps(enc, indent=1) + "\n")
 
-    train = data["train"] + [p for p in data["train"] if p.source == "bach"] * (args.bach_repeats - 1)
+    train = [to_seq(p, encoding) for p in data["train"]]
+    train += [s for s in train if s.source == "bach"] * (args.bach_repeats - 1)
     rows_per_epoch = math.ceil((sum(len(p) + 1 for p in train)) / args.seq)
     steps_per_epoch = math.ceil(rows_per_epoch / args.batch)
     total = steps_per_epoch * args.epochs
@@ -244,15 +272,15 @@ def main(argv=None) -> int:
         pieces = [augment(train[i], rng, encoding) for i in order]
         rows = pack(pieces, args.seq, encoding, offset=int(rng.integers(args.seq)))
         seen, loss_sum, n_batches = 0.0, 0.0, math.ceil(len(rows.pos) / args.batch)
-        for b, (events, pos, targets, weight, segments, _) in enumerate(batches(rows, args.batch, rng)):
+        for b, (events, pos, rel, targets, anchor, weight, segments, _) in enumerate(batches(rows, args.batch, rng)):
             elapsed = (time.monotonic() - t0) / (60 * args.max_minutes)
             if elapsed >= 1.0:
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, args.lr, args.warmup, elapsed)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                hidden = model(events, pos, segments)
-                nats = model.losses(hidden, targets, weight)
+                hidden = model(events, pos, rel, segments)
+                nats = model.losses(hidden, targets, weight, anchor)
             n = float(weight.sum())
             loss = nats.sum() / max(n, 1.0)
             opt.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from coplayer.errors import ModelError
 from coplayer.gen.data import EventPiece, bar_ticks, encode_arrays
 from coplayer.gen.encoding import FIELDS, Encoding
 from coplayer.gen.model import EventModel
-from coplayer.gen.runner import OnnxEventModel, RingCache
+from coplayer.gen.runner import NO_INTERVAL, OnnxEventModel, PitchContext, RingCache
 
 REPO = Path(__file__).resolve().parents[1]
 NO_TORCH = "building the test model needs torch (pip install 'coplayer[train]')"
@@ -111,10 +111,11 @@ def test_duplicate_melodies_share_a_split():
 
 
 def test_packing_targets_stay_within_a_piece():
-    from models.train_continue import bos_event, pack
+    from models.train_continue import bos_event, pack, to_seq
 
     pieces = [random_piece(5, 1), random_piece(3, 2)]
-    rows = pack(pieces, 4, ENC)  # stream: BOS a1..a5 BOS b1..b3 -> 10 events, rows of 4
+    seqs = [to_seq(p, ENC) for p in pieces]
+    rows = pack(seqs, 4, ENC)  # stream: BOS a1..a5 BOS b1..b3 -> 10 events, rows of 4
     stream = np.concatenate([bos_event(ENC)[None], pieces[0].events, bos_event(ENC)[None], pieces[1].events])
     flat_in = rows.events.reshape(-1, 5)[:10]
     np.testing.assert_array_equal(flat_in, stream)
@@ -122,7 +123,8 @@ def test_packing_targets_stay_within_a_piece():
     # Every event is a target except the BOS of the second piece (index 6).
     assert flat_w.tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1, 0]
     np.testing.assert_array_equal(rows.targets.reshape(-1, 5)[:5], stream[1:6])
-    eval_rows = pack(pieces, 8, ENC, split_pieces=False)
+    np.testing.assert_array_equal(rows.anchor.reshape(-1)[:5], seqs[0].anchor)
+    eval_rows = pack(seqs, 8, ENC, split_pieces=False)
     assert len(eval_rows.pos) == 2, "a piece that does not fit opens a new row"
     assert eval_rows.weight.sum() == 5 + 3
 
@@ -130,22 +132,27 @@ def test_packing_targets_stay_within_a_piece():
 # -- streaming in torch ------------------------------------------------------------------
 
 
-def stream_hidden(model, piece: EventPiece, chunks: list[int]):
-    """Hidden states after every event, fed through ``decode`` and a RingCache in ``chunks``."""
+def stream_hidden(model, piece: EventPiece, chunks: list[int], prefill: bool = True):
+    """Hidden states after every event, fed through ``decode`` and a RingCache in ``chunks``
+    (the first chunk without a cache when ``prefill``, as the runtime does)."""
     import torch
 
     h = model.hparams
     ring = RingCache(h["layers"], h["heads"], h["dim"] // h["heads"], h["window"])
-    bos_e, bos_p = model.bos()
+    bos_e, bos_p, bos_r = model.bos()
     events = torch.cat([bos_e[0], torch.from_numpy(piece.events)])
     pos = torch.cat([bos_p[0], torch.from_numpy(piece.pos)])
+    rel = torch.cat([bos_r[0], torch.from_numpy(PitchContext(4).features(piece.events)[0])])
     out, start = [], 0
     with torch.no_grad():
         for size in chunks:
             ins = {k: torch.from_numpy(v) for k, v in ring.inputs().items()}
             ks = [ins[f"k_cache_{i}"] for i in range(h["layers"])]
             vs = [ins[f"v_cache_{i}"] for i in range(h["layers"])]
-            hidden, k_new, v_new = model.decode(events[None, start:start + size], pos[None, start:start + size],
+            if start == 0 and prefill:
+                ks = vs = ins["age"] = None
+            window = slice(start, start + size)
+            hidden, k_new, v_new = model.decode(events[None, window], pos[None, window], rel[None, window],
                                                 ks, vs, ins["age"])
             ring.write([k.numpy() for k in k_new], [v.numpy() for v in v_new])
             out.append((start + size - 1, hidden[0]))
@@ -160,11 +167,13 @@ def test_step_by_step_equals_forward_past_the_window():
     piece = random_piece(50)
     n = len(piece) + 1
     with torch.no_grad():
-        bos_e, bos_p = model.bos()
+        bos_e, bos_p, bos_r = model.bos()
+        rel = PitchContext(4).features(piece.events)[0]
         full = model(torch.cat([bos_e[0], torch.from_numpy(piece.events)])[None],
-                     torch.cat([bos_p[0], torch.from_numpy(piece.pos)])[None])[0]
-    for chunks in ([1] * n, [16, 16, 16, 3], [7, 1, 16, 2, 1, 20, 4]):
-        for index, hidden in stream_hidden(model, piece, chunks):
+                     torch.cat([bos_p[0], torch.from_numpy(piece.pos)])[None],
+                     torch.cat([bos_r[0], torch.from_numpy(rel)])[None])[0]
+    for chunks, prefill in (([1] * n, False), ([1] * n, True), ([16, 16, 16, 3], True), ([7, 1, 16, 2, 1, 20, 4], True)):
+        for index, hidden in stream_hidden(model, piece, chunks, prefill):
             torch.testing.assert_close(hidden, full[index], atol=1e-5, rtol=0)
 
 
@@ -173,11 +182,12 @@ def test_packed_pieces_do_not_see_each_other():
 
     model = tiny_model()
     a, b = random_piece(6, 1), random_piece(5, 2)
+    rel = torch.from_numpy(PitchContext(4).features(np.concatenate([a.events, b.events]))[0])[None]
     with torch.no_grad():
         both = model(torch.from_numpy(np.concatenate([a.events, b.events]))[None],
-                     torch.from_numpy(np.concatenate([a.pos, b.pos]))[None],
+                     torch.from_numpy(np.concatenate([a.pos, b.pos]))[None], rel,
                      torch.tensor([[0] * 6 + [1] * 5]))[0]
-        alone = model(torch.from_numpy(b.events)[None], torch.from_numpy(b.pos)[None])[0]
+        alone = model(torch.from_numpy(b.events)[None], torch.from_numpy(b.pos)[None], rel[:, 6:])[0]
     torch.testing.assert_close(both[6:], alone, atol=1e-5, rtol=0)
 
 
@@ -188,11 +198,40 @@ def test_heads_see_the_fields_chosen_before_them():
     hidden = torch.randn(1, TINY["dim"])
     a = torch.tensor([[3, 1, 60, 11, 5]])
     b = torch.tensor([[3, 1, 64, 11, 5]])  # another pitch
+    anchor = torch.tensor([62])
     with torch.no_grad():
-        assert torch.equal(model.field_logits(2, hidden, a), model.field_logits(2, hidden, b)), \
+        assert torch.equal(model.field_logits(2, hidden, a, anchor), model.field_logits(2, hidden, b, anchor)), \
             "a head must not see its own field or later ones"
         assert not torch.equal(model.field_logits(3, hidden, a), model.field_logits(3, hidden, b)), \
             "the duration head sees the pitch"
+
+
+def test_pitch_head_is_relative_to_the_anchor():
+    import torch
+
+    from models.continuation import PITCH
+
+    model = tiny_model()
+    with torch.no_grad():
+        head = model.heads[PITCH].net[-1]
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[128 + 25 + 2] = 5.0  # "a whole tone up" in the relative part
+        fields, hidden = torch.tensor([[3, 1]]), torch.randn(1, TINY["dim"])
+        for anchor in (55, 67):
+            logits = model.field_logits(PITCH, hidden, fields, torch.tensor([anchor]))[0]
+            assert int(logits.argmax()) == anchor + 2
+        assert float(model.field_logits(PITCH, hidden, fields, torch.tensor([-1]))[0].abs().max()) == 0.0
+
+
+def test_pitch_context_anchors():
+    ctx = PitchContext(4)
+    events = np.array([[0, 0, 72, 11, 5], [0, 3, 48, 11, 5], [12, 0, 74, 11, 5], [0, 1, 67, 11, 5]])
+    rel, anchors = ctx.features(events)
+    assert anchors.tolist() == [-1, 72, 72, 74], "a part's first note is heard against the last event"
+    assert rel[:, 0].tolist() == [NO_INTERVAL, 24 - 24, 24 + 2, 24 - 7], "intervals clipped to +-24"
+    assert rel[:, 1].tolist() == [NO_INTERVAL, 0, 24 + 24, 24 - 7]
+    assert ctx.anchor(3) == 48 and ctx.anchor(2) == 67
 
 
 # -- ONNX --------------------------------------------------------------------------------
@@ -224,7 +263,7 @@ def exported(tmp_path_factory) -> Path:
 def test_export_writes_every_graph_with_its_hash(exported):
     card = json.loads(exported.with_suffix(".json").read_text())
     assert card["task"] == "continue" and card["window"] == TINY["window"]
-    assert sorted(card["graphs"]) == sorted(["decoder", *FIELDS])
+    assert sorted(card["graphs"]) == sorted(["decoder", "prefill", *FIELDS])
     for graph in card["graphs"].values():
         path = exported.with_name(graph["file"])
         assert path.stat().st_size == graph["size_bytes"]
@@ -315,7 +354,7 @@ def test_refuses_a_changed_or_missing_head(exported, tmp_path):
         f.write(b"\0")
     refusal(model, "tiny-pitch.onnx does not match its model card")
     head.unlink()
-    refusal(model, "head graph tiny-pitch.onnx .* is missing")
+    refusal(model, "pitch graph tiny-pitch.onnx .* is missing")
 
 
 def test_refuses_another_encoding(exported, tmp_path):
@@ -349,7 +388,7 @@ def test_shipped_name_resolves(exported, tmp_path, monkeypatch):
 
     copy_model(exported, tmp_path / "assets")
     monkeypatch.setattr(runner.resources, "files", lambda package: tmp_path)
-    assert runner.shipped_models() == ["tiny"], "head graphs have no card: they are not models"
+    assert runner.shipped_models() == ["tiny"], "head and prefill graphs have no card: they are not models"
     assert OnnxEventModel("tiny").path == tmp_path / "assets" / "tiny.onnx"
 
 
