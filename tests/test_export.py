@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="export needs torch (pip install 'coplayer[train]')")
@@ -190,3 +191,37 @@ def test_dynamic_shapes_only_for_growing_axes():
     assert exporter.dynamic_shapes(fixed, fixed) is None
     spec = exporter.dynamic_shapes((torch.zeros(1, 0, 4),), (torch.zeros(1, 2, 4),))
     assert list(spec[2][0]) == [1]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_lean_lstm_graph_computes_the_models_step(layers):
+    import onnxruntime as ort
+
+    from export.lstm_graph import lstm_step_graph
+    from models.instrument import InstrumentLSTM
+
+    torch.manual_seed(layers)
+    model = InstrumentLSTM(12, 4, hidden=24, layers=layers, pitch_dim=5).eval()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    names = (["pitch", "feats", "h", "c"], ["logits", "h_out", "c_out"])
+    session = ort.InferenceSession(lstm_step_graph(state, model.hparams, names).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    h, c = (s.numpy() for s in model.initial_state(1))
+    th, tc = model.initial_state(1)
+    rng = np.random.default_rng(layers)
+    for _ in range(20):
+        pitch, feats = rng.integers(0, 128, 1), rng.normal(size=(1, 12)).astype(np.float32)
+        logits, h, c = session.run(None, {"pitch": pitch, "feats": feats, "h": h, "c": c})
+        with torch.no_grad():
+            expected, th, tc = model.step(torch.from_numpy(pitch), torch.from_numpy(feats), th, tc)
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5)
+        np.testing.assert_allclose(h, th.numpy(), atol=1e-5)
+        np.testing.assert_allclose(c, tc.numpy(), atol=1e-5)
+
+
+def test_lean_lstm_graph_refuses_another_models_weights():
+    from export.lstm_graph import lstm_step_graph
+
+    with pytest.raises(ValueError, match="missing .*lstm.weight_ih_l0"):
+        lstm_step_graph({"pitch.weight": np.zeros((128, 4), np.float32)}, {"layers": 1, "hidden": 8,
+                        "n_features": 3}, (["p", "f", "h", "c"], ["l", "ho", "co"]))
