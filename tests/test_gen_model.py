@@ -111,6 +111,7 @@ def test_duplicate_melodies_share_a_split():
 
 
 def test_packing_targets_stay_within_a_piece():
+    pytest.importorskip("torch", reason=NO_TORCH)
     from models.train_continue import bos_event, pack, to_seq
 
     pieces = [random_piece(5, 1), random_piece(3, 2)]
@@ -135,7 +136,7 @@ def test_packing_targets_stay_within_a_piece():
 def stream_hidden(model, piece: EventPiece, chunks: list[int], prefill: bool = True):
     """Hidden states after every event, fed through ``decode`` and a RingCache in ``chunks``
     (the first chunk without a cache when ``prefill``, as the runtime does)."""
-    import torch
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
 
     h = model.hparams
     ring = RingCache(h["layers"], h["heads"], h["dim"] // h["heads"], h["window"])
@@ -161,7 +162,7 @@ def stream_hidden(model, piece: EventPiece, chunks: list[int], prefill: bool = T
 
 
 def test_step_by_step_equals_forward_past_the_window():
-    import torch
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
 
     model = tiny_model()
     piece = random_piece(50)
@@ -178,7 +179,7 @@ def test_step_by_step_equals_forward_past_the_window():
 
 
 def test_packed_pieces_do_not_see_each_other():
-    import torch
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
 
     model = tiny_model()
     a, b = random_piece(6, 1), random_piece(5, 2)
@@ -192,7 +193,7 @@ def test_packed_pieces_do_not_see_each_other():
 
 
 def test_heads_see_the_fields_chosen_before_them():
-    import torch
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
 
     model = tiny_model()
     hidden = torch.randn(1, TINY["dim"])
@@ -207,7 +208,7 @@ def test_heads_see_the_fields_chosen_before_them():
 
 
 def test_pitch_head_is_relative_to_the_anchor():
-    import torch
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
 
     from models.continuation import PITCH
 
