@@ -141,7 +141,7 @@ class Instrument:
 
 @dataclass(frozen=True)
 class Continuation:
-    model: str = "markov-live"
+    model: str = "continue-transformer"
     fallback: str = _opt("markov", choices=("markov", "none"))
     silence_beats: float = _opt(2.0, range=(0.25, 16))
     response_bars: int = _opt(2, range=(1, 16))

@@ -458,15 +458,14 @@ def test_eval_continue_cli_json(capsys):
     assert {"nll_bits_per_event", "pc_js", "in_key", "density_ratio", "range_kept", "motif_quote"} <= set(rows[0])
 
 
-# -- the shipped transformer (skips until it ships) --------------------------------------
+# -- the shipped transformer -------------------------------------------------------------
 
 
 def _shipped_transformer():
     from coplayer.gen.evaluate import shipped_continuation_models
 
-    if "continue-transformer" not in shipped_continuation_models():
-        pytest.skip("the shipped continue-transformer is not in coplayer/assets yet "
-                    "(train and export it: make train)")
+    assert "continue-transformer" in shipped_continuation_models(), (
+        "the shipped continue-transformer is missing from coplayer/assets (make train-continue)")
     from coplayer.gen.continue_file import load_event_model
 
     return load_event_model("continue-transformer")

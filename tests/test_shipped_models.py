@@ -38,3 +38,37 @@ def test_shipped_model_keeps_its_test_accuracy(name, test_split):
         assert r.notes == recorded["notes"]
         assert r.accuracy >= recorded[f"accuracy_{r.protocol}"] - 1e-6, (
             f"{name} protocol {r.protocol}: {r.accuracy:.4f} < recorded {recorded[f'accuracy_{r.protocol}']:.4f}")
+
+
+# -- the continuation transformer ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chorale_test_events():
+    pytest.importorskip("music21", reason="the chorale corpus needs music21 (the train extra)")
+    from coplayer.gen.data import load_pieces
+    from coplayer.gen.encoding import Encoding
+
+    return load_pieces("test", Encoding(), ("bach",))
+
+
+def _nll_bits_per_event(model, pieces) -> float:
+    from coplayer.gen.markov import piece_nll_bits
+
+    total = sum(float(piece_nll_bits(model, p.events, p.pos).sum()) for p in pieces)
+    return total / sum(len(p) for p in pieces)
+
+
+def test_shipped_transformer_keeps_its_chorale_nll_and_beats_markov(chorale_test_events):
+    """Through onnxruntime, the chorale test NLL is the one recorded at export, and below the Markov model's."""
+    from coplayer.gen.continue_file import load_event_model
+
+    try:
+        model = load_event_model("continue-transformer")
+    except Exception as exc:  # noqa: BLE001 - reported as the failure reason
+        pytest.fail(f"the shipped continue-transformer is missing or unreadable: {exc}")
+    recorded = model.card["metrics"]["test_nll_bits_per_event_by_source"]["bach"]
+    bits = _nll_bits_per_event(model, chorale_test_events)
+    assert bits <= recorded + 1e-3, f"chorale test NLL {bits:.4f} bits/event > recorded {recorded:.4f}"
+    markov = _nll_bits_per_event(load_event_model("markov"), chorale_test_events)
+    assert bits < markov, f"transformer {bits:.3f} bits/event is not below the Markov model's {markov:.3f}"
