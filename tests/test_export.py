@@ -201,7 +201,7 @@ def test_lean_lstm_graph_computes_the_models_step(layers):
     from models.instrument import InstrumentLSTM
 
     torch.manual_seed(layers)
-    model = InstrumentLSTM(12, 4, hidden=24, layers=layers, pitch_dim=5).eval()
+    model = InstrumentLSTM(12, 4, hidden=24, layers=layers, pitch_dim=5, dropout=0.0).eval()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     names = (["pitch", "feats", "h", "c"], ["logits", "h_out", "c_out"])
     session = ort.InferenceSession(lstm_step_graph(state, model.hparams, names).SerializeToString(),

@@ -1,8 +1,8 @@
-"""End-to-end tests through a real JACK server (``make test-e2e``).
+"""End-to-end tests through a real JACK server, part of ``make test``.
 
-Not part of ``make test`` yet: on a loaded 2-core machine without real-time
-scheduling, JACK reports xruns and drops MIDI for whole cycles, so these
-tests fail intermittently for reasons outside coplayer (see issue 5).
+The ``jack_server`` fixture (tests/conftest.py) uses a running server or
+starts the dummy driver with real-time scheduling where allowed; without a
+server they skip, and on CI (the CI environment variable) they fail.
 """
 
 from tests.conftest import jack_server  # noqa: F401  (the fixture)
