@@ -637,3 +637,39 @@ def test_live_view_renders_parts_and_latency():
     assert "mode both" in text and "p99" in text and "misses 0" in text
     assert any(line.strip().startswith("soprano") and "E5" in line for line in lines)
     assert "responses played 0" in text and "gen_ms" not in text
+
+
+def test_one_slow_step_does_not_bench_the_model():
+    clock = [0]
+    model = Instrumenter(RuleScorer())
+    fallback = Instrumenter(RuleScorer(rule=lambda p: 3))
+    d = Decider(model, fallback, budget_ns=3_000_000, now=lambda: clock[0], t0_ns=0)
+    for i in range(20):
+        d.steps.add(200_000, i)
+    d.steps.add(5_000_000, 20)  # preempted once
+    assert d.decide(77, 100, clock[0]) == ("soprano", False)
+    for i in range(20):  # slow on every step now: benched
+        d.steps.add(5_000_000, 21 + i)
+    assert d.decide(78, 100, clock[0]) == ("bass", True)
+
+
+def test_notes_the_fallback_routed_keep_the_model_estimate_current():
+    clock = [0]
+
+    class Ticking(RuleScorer):  # each model step takes 0.1 ms of the fake clock
+        def log_probs(self, *args):
+            clock[0] += 100_000
+            return super().log_probs(*args)
+
+    model = Instrumenter(Ticking())
+    fallback = Instrumenter(RuleScorer(rule=lambda p: 3))
+    d = Decider(model, fallback, budget_ns=3_000_000, now=lambda: clock[0], t0_ns=0)
+    for i in range(4):  # slow while the system was busy
+        d.steps.add(5_000_000, 0)
+    assert d.decide(76, 100, clock[0]) == ("bass", True)
+    misses = 0
+    for i in range(40):  # the model hears each note the fallback routed: 0.1 ms steps, timed
+        misses += d.decide(50 + i % 20, 100, clock[0])[1]
+        d.commit()
+    assert d.steps.estimate_ns == 100_000 and d.decide(77, 100, clock[0]) == ("soprano", False)
+    assert misses < 40
