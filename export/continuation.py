@@ -45,7 +45,8 @@ from coplayer.gen.data import EventPiece, load_pieces
 from coplayer.gen.encoding import FIELDS, Encoding
 from coplayer.gen.runner import (DECODER, NO_INTERVAL, PREFILL, TASK, OnnxEventModel, PitchContext, RingCache,
                                  decoder_names, graph_file, head_names, prefill_names)
-from export.instrument import OPSET, onnxruntime_min, previous_card, strip_debug_info, write_card
+from export.instrument import (OPSET, load_checkpoint, onnxruntime_min, previous_card, read_json, strip_debug_info,
+                               write_card)
 from export.parity import ATOL
 from models.continuation import ContinuationTransformer, DecoderGraph, HeadGraph
 
@@ -63,27 +64,15 @@ class Run:
     test: dict
 
 
-def _read_json(path: Path, default: dict | None = None) -> dict:
-    if default is not None and not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"run file {path} is unreadable: {exc}") from exc
-
-
 def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
-    try:
-        ckpt = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise ModelError(f"cannot load {path / 'checkpoint.pt'}: {exc}") from exc
+    ckpt = load_checkpoint(path)
     if ckpt.get("kind") != ContinuationTransformer.kind:
         raise ModelError(f"checkpoint is a {ckpt.get('kind')!r} model, not a continuation "
                          f"{ContinuationTransformer.kind!r}")
     model = ContinuationTransformer(**ckpt["hparams"])
     model.load_state_dict(ckpt["state_dict"])
-    return Run(path, model.eval(), _read_json(path / "encoding.json"), _read_json(path / "train-args.json"),
+    return Run(path, model.eval(), read_json(path / "encoding.json"), read_json(path / "train-args.json"),
                int(ckpt["epoch"]), dict(ckpt.get("valid", {})), dict(ckpt.get("test", {})))
 
 

@@ -83,24 +83,30 @@ def model_class(kind: str) -> type:
     return classes[kind]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file of a run or an export; ModelError if it cannot be read."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"run file {path} is unreadable: {exc}") from exc
 
 
+def load_checkpoint(run_dir: Path) -> dict:
+    """``run_dir/checkpoint.pt`` (tensors only, on the CPU); ModelError if it cannot be loaded."""
+    try:
+        return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"cannot load {run_dir / 'checkpoint.pt'}: {exc}") from exc
+
+
 def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
-    try:
-        ckpt = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise ModelError(f"cannot load {path / 'checkpoint.pt'}: {exc}") from exc
+    ckpt = load_checkpoint(path)
     model = model_class(ckpt["kind"])(**ckpt["hparams"])
     model.load_state_dict(ckpt["state_dict"])
     if not getattr(model, "state_names", None):
         raise ModelError(f"{type(model).__name__} has no state_names: cannot name its ONNX state")
-    return Run(path, model.eval(), _read_json(path / "encoding.json"), _read_json(path / "train-args.json"),
+    return Run(path, model.eval(), read_json(path / "encoding.json"), read_json(path / "train-args.json"),
                int(ckpt["epoch"]), dict(ckpt.get("valid", {})))
 
 
@@ -228,7 +234,7 @@ def write_card(path: Path, card: dict) -> None:
 
 def previous_card(card_path: Path) -> dict:
     """The card an earlier export left at ``card_path`` ({} if none): its metrics are kept."""
-    return _read_json(card_path) if card_path.is_file() else {}
+    return read_json(card_path) if card_path.is_file() else {}
 
 
 # -- the command ------------------------------------------------------------------
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
     if not report.ok:
         print(f"parity failed: {args.out} left unchanged; the failed export is in {stage}", file=sys.stderr)
         return 1
-    new_sha = _read_json(stage / f"{args.name}.json")["sha256"]
+    new_sha = read_json(stage / f"{args.name}.json")["sha256"]
     paths = install(stage, args.name, args.out)
     stage.rmdir()
     print("wrote " + ", ".join(str(p) for p in paths))
