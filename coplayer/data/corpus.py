@@ -139,6 +139,19 @@ def _build_cache(path: Path, workers: int) -> None:
     log.info("parsing %d Bach files with music21 (cached afterwards in %s)", len(files), path)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_parse_piece, files, chunksize=4))
+    write_cache(path, results)
+
+
+CACHE_ARRAYS = ("keys", "lengths", "rows", "meters", "skipped", "reasons")
+
+
+def write_cache(path: Path, results: list[tuple[str, str | tuple[list, tuple]]]) -> None:
+    """Write parsed pieces as one npz, atomically.
+
+    ``results`` are (key, reason skipped) or (key, (rows, (numerator,
+    denominator, pickup))); the rows of every kept piece are stored back to
+    back with their lengths.
+    """
     keys, skipped, reasons, arrays, meters = [], [], [], [], []
     for key, result in results:
         if isinstance(result, str):
@@ -148,13 +161,12 @@ def _build_cache(path: Path, workers: int) -> None:
             keys.append(key)
             arrays.append(np.asarray(result[0], dtype=np.float64))
             meters.append(result[1])
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(
         tmp,
         keys=np.array(keys),
-        lengths=lengths,
+        lengths=np.array([len(a) for a in arrays], dtype=np.int64),
         rows=np.concatenate(arrays),
         meters=np.asarray(meters, dtype=np.float64).reshape(-1, 3),  # numerator, denominator, pickup
         skipped=np.array(skipped),
@@ -163,15 +175,20 @@ def _build_cache(path: Path, workers: int) -> None:
     os.replace(tmp, path)
 
 
+def read_cache(path: Path, what: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_cache` wrote; DataError naming ``what`` if the file is unreadable."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in CACHE_ARRAYS}
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{what} cache {path} is unreadable ({exc}); delete it to rebuild") from exc
+
+
 def _load_cache(workers: int | None = None) -> dict[str, np.ndarray]:
     path = _cache_path()
     if not path.exists():
         _build_cache(path, workers or min(2, os.cpu_count() or 1))
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in ("keys", "lengths", "rows", "meters", "skipped", "reasons")}
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"corpus cache {path} is unreadable ({exc}); delete it to rebuild") from exc
+    return read_cache(path, "corpus")
 
 
 def chorale_meters(workers: int | None = None) -> dict[str, tuple[int, int, float]]:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from coplayer.data.corpus import CorpusReport, _music21, cache_dir, chorale_meters, corpus_key, meter_of
+from coplayer.data.corpus import (CorpusReport, _music21, cache_dir, chorale_meters, corpus_key, meter_of, read_cache,
+                                  write_cache)
 from coplayer.data.splits import SPLITS, load_split
 from coplayer.errors import DataError
 from coplayer.gen.encoding import FIELDS, Encoding
@@ -185,21 +186,7 @@ def _build_melody_cache(path: Path, workers: int) -> None:
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = [t for tunes in pool.map(_parse_melody_file, files, chunksize=1) for t in tunes]
     results.sort()
-    keys, arrays, meters, skipped, reasons = [], [], [], [], []
-    for key, result in results:
-        if isinstance(result, str):
-            skipped.append(key)
-            reasons.append(result)
-        else:
-            keys.append(key)
-            arrays.append(np.asarray(result[0], dtype=np.float64))
-            meters.append(result[1])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, keys=np.array(keys), lengths=np.array([len(a) for a in arrays], dtype=np.int64),
-                        rows=np.concatenate(arrays), meters=np.asarray(meters, dtype=np.float64).reshape(-1, 3),
-                        skipped=np.array(skipped), reasons=np.array(reasons))
-    os.replace(tmp, path)
+    write_cache(path, results)
 
 
 @dataclass
@@ -221,12 +208,9 @@ def load_melodies(workers: int | None = None) -> tuple[dict[str, Melody], Corpus
     path = _melody_cache_path()
     if not path.exists():
         _build_melody_cache(path, workers or min(2, os.cpu_count() or 1))
-    try:
-        with np.load(path) as data:
-            keys, lengths, rows, meters = data["keys"], data["lengths"], data["rows"], data["meters"]
-            skipped, reasons = data["skipped"], data["reasons"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"melody cache {path} is unreadable ({exc}); delete it to rebuild") from exc
+    cache = read_cache(path, "melody")
+    keys, lengths, rows, meters = cache["keys"], cache["lengths"], cache["rows"], cache["meters"]
+    skipped, reasons = cache["skipped"], cache["reasons"]
     report = CorpusReport(found=len(keys) + len(skipped), kept=len(keys))
     for key, reason in zip(skipped, reasons):
         report.skip(str(key), str(reason))
