@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import traceback
+from typing import Callable
 
 from coplayer import __version__
 from coplayer.errors import CoplayerError
@@ -48,9 +49,18 @@ def _cmd_arrange(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
+def _print_eval(args: argparse.Namespace, results: list, format_table: Callable[[list], str], title: str) -> None:
+    """``--json``: a list of one row per result; else ``title`` and the table."""
+    if args.json:
+        import json
 
+        print("[\n" + ",\n".join(json.dumps(r.to_row()) for r in results) + "\n]")
+    else:
+        print(f"{title}\n")
+        print(format_table(results))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "continue":
         return _eval_continue(args)
     from coplayer.data.splits import load_split
@@ -64,17 +74,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         for path in record_metrics(results, seed=args.seed, cfg=cfg):
             print(f"recorded the test accuracies in {path}", file=sys.stderr)
-    if args.json:
-        print("[\n" + ",\n".join(json.dumps(r.to_row()) for r in results) + "\n]")
-    else:
-        print(f"instrumentation accuracy on the test split ({len(scores)} pieces, seed {args.seed})\n")
-        print(format_table(results))
+    _print_eval(args, results, format_table,
+                f"instrumentation accuracy on the test split ({len(scores)} pieces, seed {args.seed})")
     return 0
 
 
 def _eval_continue(args: argparse.Namespace) -> int:
-    import json
-
     from coplayer.gen.encoding import Encoding
     from coplayer.gen.evaluate import default_models, evaluate_models, format_table, test_pieces
 
@@ -84,11 +89,8 @@ def _eval_continue(args: argparse.Namespace) -> int:
         log.warning("%s", note)
     results = evaluate_models(args.models or default_models(), cfg, pieces, seed=args.seed,
                               progress=None if args.json else log.debug)
-    if args.json:
-        print("[\n" + ",\n".join(json.dumps(r.to_row()) for r in results) + "\n]")
-    else:
-        print(f"continuation on the test split ({len(pieces)} pieces, seed {args.seed})\n")
-        print(format_table(results))
+    _print_eval(args, results, format_table,
+                f"continuation on the test split ({len(pieces)} pieces, seed {args.seed})")
     return 0
 
 
