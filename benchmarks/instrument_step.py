@@ -27,6 +27,7 @@ import numpy as np
 
 from coplayer.config import Config
 from coplayer.data.splits import load_split
+from coplayer.engine.stats import summary
 from coplayer.errors import CoplayerError
 from coplayer.instrument.features import Featurizer
 from coplayer.instrument.instrumenter import Instrumenter, Penalties, PartRule
@@ -83,9 +84,9 @@ def play(inst: Instrumenter, perf: Performance, decision_ns: list[int]) -> None:
         decision_ns.append(time.perf_counter_ns() - t0)
 
 
-def summary(ns: list[int]) -> dict[str, float]:
-    ms = np.asarray(ns, dtype=np.float64) / 1e6
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
+def summary_ns(ns: list[int]) -> dict[str, float]:
+    """p50/p99/max in milliseconds of durations in nanoseconds."""
+    return summary(list(np.asarray(ns, dtype=np.float64) / 1e6))
 
 
 def benchmark(model: OnnxModel, notes: int, warmup: int, seed: int) -> dict:
@@ -96,7 +97,7 @@ def benchmark(model: OnnxModel, notes: int, warmup: int, seed: int) -> dict:
         play(inst, perf, decision_ns)
     return {
         "model": model.name, "path": str(model.path), "notes": len(decision_ns) - warmup, "warmup": warmup,
-        "step_ms": summary(scorer.step_ns[warmup:]), "decision_ms": summary(decision_ns[warmup:]),
+        "step_ms": summary_ns(scorer.step_ns[warmup:]), "decision_ms": summary_ns(decision_ns[warmup:]),
     }
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coplayer.engine.stats import summary
 from coplayer.errors import CoplayerError
 from coplayer.io.ports import Message, now_ns
 
@@ -411,13 +412,6 @@ def latencies(sent: list[tuple[int, Message]], arrived, labels=PARTS) -> tuple[l
     floor = match(sent, arrived, ("floor",)) if has_floor else {i: 0.0 for i in ons}
     lost = sum(1 for i in ons if i in floor and i not in e2e)
     return list(e2e.values()), lost, sum(1 for i in ons if i not in floor)
-
-
-def summary(ms: list[float]) -> dict[str, float]:
-    if not ms:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    a = np.asarray(ms)
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
 
 @dataclass

@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def summary(ms: list[float]) -> dict[str, float]:
+    """p50, p99 and max of durations in milliseconds (NaN for none)."""
+    if not ms:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    a = np.asarray(ms)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
 @dataclass
 class LatencyStats:
     """Collects durations in nanoseconds; ``summary()`` reports milliseconds."""
