@@ -222,9 +222,10 @@ class Decider:
         if pending is not None:
             inst, pitch, velocity, time_s, part = pending
             listen = idle and not (inst is self.model and self.broken)
-            start = self.now()
+            timed = listen and inst is self.model  # a full model step: it keeps the estimate current
+            start = self.now() if timed else 0
             inst.note_on(pitch, velocity, time_s, force=inst.parts.index(part), listen=listen)
-            if listen and inst is self.model:  # a full model step: it keeps the estimate current
+            if timed:
                 self.steps.add(self.now() - start, start)
 
     def note_off(self, pitch: int, t_ns: int) -> None:
