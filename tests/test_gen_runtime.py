@@ -135,6 +135,19 @@ def test_markov_probabilities_sum_to_one_and_never_vanish(model_name, markov, ti
         partial[f] = int(value)
 
 
+def test_markov_key_collision_keeps_the_fields_classes(markov, monkeypatch):
+    """A context that collides with another field's stored context (its key
+    is a hash) must still give a distribution over this field's classes."""
+    table = markov.table
+    wide = next(i for i in range(len(table)) if table.row(i)[0].max() >= ENC.sizes["part"])
+    events, pos = piece(4, seed=7)
+    model = MarkovModel(ENC, table, markov.settings)
+    model.feed(events[:20], pos[:20])
+    monkeypatch.setattr(table, "find", lambda key: wide)
+    p = np.exp(model.field_logits("part", {"shift": int(events[20][0])}))
+    assert p.shape == (ENC.sizes["part"],) and p.sum() == pytest.approx(1.0) and p.min() > 0
+
+
 def test_markov_nll_finite_and_lower_on_its_own_style(tiny):
     events, pos = piece(4, seed=99)
     bits = piece_nll_bits(tiny, events, pos)

@@ -308,7 +308,7 @@ class MarkovModel:
         # + (prod_k mu_k) / n, with mu_k = b T_k / (C_k + b T_k); longest context first.
         carry = 1.0
         parts_c, parts_w = [], []
-        clip = False
+        clip = False  # classes may fall outside 0..n-1: relative pitches, or a key collision
         for (key, ref), (row, _) in zip(levels, found):
             live = live_rows.get(key) if live_rows else None
             if live is None:
@@ -332,10 +332,13 @@ class MarkovModel:
             return self._uniform[field].copy()
         classes = np.concatenate(parts_c)
         weights = np.concatenate(parts_w)
-        if clip:
+        # A context absent from the table can match another field's stored
+        # context (KEY_BITS): its classes are then not this field's.  Rare
+        # (found by sampling 185 continuations per model), harmless when clipped.
+        if clip or classes.max() >= n:
             keep = (classes >= 0) & (classes < n)
             classes, weights = classes[keep], weights[keep]
-        p = np.bincount(classes, weights, minlength=n)
+        p = np.bincount(classes, weights, minlength=n).astype(np.float64, copy=False)  # int when empty
         p += carry / n
         if field == "pitch" and self.settings.register > 0:
             p *= self._register(levels[-1][0]) ** self.settings.register
