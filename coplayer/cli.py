@@ -88,9 +88,10 @@ def _eval_continue(args: argparse.Namespace) -> int:
     for note in notes:
         log.warning("%s", note)
     results = evaluate_models(args.models or default_models(), cfg, pieces, seed=args.seed,
-                              progress=None if args.json else log.debug)
+                              progress=None if args.json else log.debug, samples=args.samples)
     _print_eval(args, results, format_table,
-                f"continuation on the test split ({len(pieces)} pieces, seed {args.seed})")
+                f"continuation on the test split ({len(pieces)} pieces, {args.samples} continuations each, "
+                f"seed {args.seed})")
     return 0
 
 
@@ -192,6 +193,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="only the first N test pieces (continue: of each corpus)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the live performances, protocol b; continue: of the continuations (default 0)")
+    p.add_argument("--samples", type=_count, default=5, metavar="K",
+                   help="continue: continuations sampled per test piece, each with its own seed (default 5)")
     p.add_argument("--sources", nargs="+", choices=["bach", "essenFolksong", "ryansMammoth"],
                    help="continue: test corpora (default: all; a melody corpus is parsed once, then cached)")
     p.add_argument("--json", action="store_true", help="print one JSON row per model and protocol")

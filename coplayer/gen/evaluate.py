@@ -13,8 +13,10 @@ it (the Continuator listening), so its NLL is online and causal.
 (at least :data:`MIN_CALL` events before it); the first half is the call.
 The model continues it for as many bars as the real second half lasts (at
 most :data:`MAX_BARS`), starting at that barline, with the configured
-controls and the seed ``seed + piece index`` (the same for every model).
-Per piece:
+controls, ``samples`` times with the seeds ``seed + piece index * samples +
+j`` (the same for every model; one continuation on 37 chorales is too few
+to tell models apart: a motif quote more or less moves ``motif_quote`` by
+0.027).  Per continuation:
 
 ``pc_js``
     Jensen-Shannon divergence (bits, 0..1) between the pitch-class
@@ -217,7 +219,30 @@ def call_ranges(call: Context, n_parts: int) -> tuple[np.ndarray, np.ndarray]:
 class SourceResult:
     nll_bits: np.ndarray = field(default_factory=lambda: np.zeros(len(FIELDS)))
     events: int = 0
-    tally: Tally = field(default_factory=Tally)
+    pieces: list[Tally] = field(default_factory=list)  # one per test piece, over its samples
+
+    @property
+    def tally(self) -> Tally:
+        return _merge(self.pieces)
+
+
+BOOTSTRAP = 200  # resamples of the test pieces behind each standard error
+
+
+def stderr(pieces: Sequence[Tally], draws: int = BOOTSTRAP, seed: int = 0) -> dict[str, float]:
+    """Standard error of each measure in METRICS: the spread of the measure
+    over bootstrap resamples of the test pieces (with all their samples), so
+    two models whose difference is within it are not told apart."""
+    if len(pieces) < 2:
+        return {m: float("nan") for m in METRICS}
+    rng = np.random.default_rng(seed)
+    rows = [_merge([pieces[i] for i in rng.integers(0, len(pieces), len(pieces))]).metrics() for _ in range(draws)]
+    out = {}
+    for m in METRICS:
+        v = np.array([r[m] for r in rows], dtype=float)
+        v = v[np.isfinite(v)]
+        out[m] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return out
 
 
 @dataclass
@@ -233,20 +258,22 @@ class Result:
         return bits, sum(self.by_source[s].events for s in sources)
 
     @staticmethod
-    def _row(bits: np.ndarray, events: int, tally: Tally) -> dict:
+    def _row(bits: np.ndarray, events: int, pieces: list[Tally]) -> dict:
         n = max(events, 1)
+        tally = _merge(pieces)
         row = {"nll_bits_per_event": float(bits.sum() / n),
                "nll_bits_per_field": {f: float(b / n) for f, b in zip(FIELDS, bits)},
                "events": events, **tally.metrics()}
         row["notes_per_second"] = tally.notes / tally.seconds if tally.seconds else float("nan")
+        row["stderr"] = stderr(pieces)
         return row
 
     def to_row(self) -> dict:
         sources = list(self.by_source)
         bits, events = self._nll(sources)
-        total = _merge([self.by_source[s].tally for s in sources])
-        row = {"model": self.model, **self._row(bits, events, total)}
-        row["by_source"] = {s: self._row(r.nll_bits, r.events, r.tally) for s, r in self.by_source.items()}
+        pieces = [t for s in sources for t in self.by_source[s].pieces]
+        row = {"model": self.model, **self._row(bits, events, pieces)}
+        row["by_source"] = {s: self._row(r.nll_bits, r.events, r.pieces) for s, r in self.by_source.items()}
         ref = _merge(list(self.reference.values()))
         row["reference"] = {k: v for k, v in ref.metrics().items() if k in METRICS or k == "pieces"}
         return _rounded(row)
@@ -269,7 +296,7 @@ def _rounded(x):
 
 
 def evaluate_model(model: "EventModel", name: str, pieces: Sequence["EventPiece"], cfg: "Config",
-                   seed: int = 0, *, progress: Callable[[str], None] | None = None) -> Result:
+                   seed: int = 0, *, samples: int = 1, progress: Callable[[str], None] | None = None) -> Result:
     """NLL and continuation measures of one model on ``pieces``."""
     from coplayer.gen.continue_file import respond
     from coplayer.gen.data import bar_ticks as ticks_in_bar
@@ -292,15 +319,18 @@ def evaluate_model(model: "EventModel", name: str, pieces: Sequence["EventPiece"
         call_ev, call_pos = piece.events[cut.call], piece.pos[cut.call]
         call = Context.from_events(call_ev, call_pos)
         real = Context.from_events(piece.events[cut.real], piece.pos[cut.real])
-        controls.set(seed=seed + i)
-        resp = respond(sampler, call_ev, call_pos, cut.bars, start=cut.start, bar_ticks=cut.bar_ticks)
-        gen = Context.from_events(resp.events, resp.pos)
         key = detect_key(call.pitches, call.durs)
         patterns = motif_patterns(Motif.from_context(call, cut.bar_ticks, len(enc.parts)))
         ranges = call_ranges(call, len(enc.parts))
         real_pc = np.bincount(real.pitches % 12, minlength=12).astype(float)
-        src.tally.add((gen.parts, gen.onsets, gen.pitches), real_pc, len(real), key, patterns, ranges)
-        src.tally.seconds += resp.seconds
+        tally = Tally()
+        for j in range(samples):
+            controls.set(seed=seed + i * samples + j)
+            resp = respond(sampler, call_ev, call_pos, cut.bars, start=cut.start, bar_ticks=cut.bar_ticks)
+            gen = Context.from_events(resp.events, resp.pos)
+            tally.add((gen.parts, gen.onsets, gen.pitches), real_pc, len(real), key, patterns, ranges)
+            tally.seconds += resp.seconds
+        src.pieces.append(tally)
         call_pc = np.bincount(call.pitches % 12, minlength=12).astype(float)
         ref.add((real.parts, real.onsets, real.pitches), real_pc, len(real), key, patterns, ranges,
                 js=js_divergence(call_pc, real_pc))
@@ -356,13 +386,14 @@ def test_pieces(encoding: Encoding, limit: int | None = None,
 
 
 def evaluate_models(names: Sequence[str], cfg: "Config", pieces: Sequence["EventPiece"], seed: int = 0,
-                    progress: Callable[[str], None] | None = None) -> list[Result]:
+                    progress: Callable[[str], None] | None = None, samples: int = 1) -> list[Result]:
     from coplayer.gen.continue_file import load_event_model
 
     results = []
     for name in names:
         t0 = time.perf_counter()
-        results.append(evaluate_model(load_event_model(name), name, pieces, cfg, seed, progress=progress))
+        results.append(evaluate_model(load_event_model(name), name, pieces, cfg, seed, samples=samples,
+                                      progress=progress))
         if progress:
             progress(f"{name}: done in {time.perf_counter() - t0:.0f} s")
     return results
@@ -401,15 +432,20 @@ def format_table(results: Sequence[Result]) -> str:
             values = []
             for r in rs:
                 d = pick(r)
-                values.append(d["nll_bits_per_field"][m.strip()] if m.startswith("  ") else d.get(m))
+                v = _fmt(d["nll_bits_per_field"][m.strip()] if m.startswith("  ") else d.get(m))
+                se = d["stderr"].get(m) if m in METRICS else None
+                values.append(v if se is None or se != se else f"{v}\u00b1{se:.3f}")
             refv = ref.get(m) if m in METRICS else None
-            line = f"{m:<22}" + "".join(f"{_fmt(v):>{width + 2}}" for v in values) + f"{_fmt(refv):>{width + 2}}"
+            line = f"{m:<22}" + "".join(f"{v:>{width + 2}}" for v in values) + f"{_fmt(refv):>{width + 2}}"
             out.append(line + (f"  {BETTER[m]}" if m in BETTER else ""))
         out.append(f"{'pieces / events':<22}" + "".join(
             f"{str(pick(r)['pieces']) + ' / ' + str(pick(r)['events']):>{width + 2}}" for r in rs))
         out.append("")
     out.append("NLL: bits per event (sum of the fields) of the real test pieces; markov-live learns each")
     out.append("event after predicting it.  Continuations: from the first half of each piece, as many bars")
-    out.append("as the real second half (at most 8), configured controls, seed = --seed + piece index.")
+    out.append("as the real second half (at most 8), configured controls, --samples per piece, "
+               "seeds = --seed + piece index * samples + j.")
     out.append("real 2nd half: the same measures of the true second half (pc_js: first vs second half).")
+    out.append(f"\u00b1: standard error, from {BOOTSTRAP} bootstrap resamples of the test pieces; a difference "
+               "within it is noise.")
     return "\n".join(out)
