@@ -153,6 +153,7 @@ class Continuation:
     seed: int | None = _opt(None, range=(0, MAX_SEED))
     lookahead_ms: float = _opt(50.0, range=(0, 1000))
     key_lock: str | None = _opt(None, check=_check_key)
+    key_strength: float = _opt(0.5, range=(0, 50))
     max_polyphony: int = _opt(4, range=(1, 16))
     density: float = _opt(1.0, range=(0.1, 4))
     motif_repetition: float = _opt(0.3, range=(0, 1))
@@ -167,6 +168,7 @@ class Controls:
     mode: int | None = _opt(22, range=(0, 127))
     panic: int | None = _opt(23, range=(0, 127))
     response_length: int | None = _opt(24, range=(0, 127))
+    key_strength: int | None = _opt(25, range=(0, 127))
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from coplayer.config import load_config, packaged_config
-from coplayer.engine.controls import CcControls, cc_mode, cc_response_bars, cc_temperature, osc_handlers
+from coplayer.engine.controls import (CcControls, cc_key_strength, cc_mode, cc_response_bars, cc_temperature,
+                                      osc_handlers)
 from coplayer.engine.engine import Decider, Engine
 from coplayer.engine.live import MemoryPorts, open_outputs
 from coplayer.engine.router import ControllerMirror, FeedbackGuard, Router, Target
 from coplayer.engine.session import session_path
 from coplayer.engine.view import render
-from coplayer.gen.sampler import Controls
+from coplayer.gen.sampler import HARD_LOCK, Controls
 from coplayer.instrument.baselines import make_instrumenter, make_scorer
 from coplayer.instrument.features import FeatureSpec
 from coplayer.instrument.instrumenter import Instrumenter
@@ -330,13 +331,16 @@ def test_cc_value_mappings():
     assert cc_temperature(0) == pytest.approx(0.1) and cc_temperature(127) == pytest.approx(2.0)
     assert [cc_mode(v) for v in (0, 42, 43, 85, 86, 127)] == ["instrument"] * 2 + ["respond"] * 2 + ["both"] * 2
     assert cc_response_bars(0) == 1 and cc_response_bars(127) == 16 and cc_response_bars(64) == 8
+    assert cc_key_strength(0) == 0 and cc_key_strength(126) == pytest.approx(4.0)
+    assert cc_key_strength(127) == HARD_LOCK
 
 
 def test_cc_controls_steer_the_engine_and_are_not_forwarded():
     with Rig() as rig:
         rig.send((ON, 76, 100))
-        rig.send((CC, 21, 127), (CC, 22, 50), (CC, 24, 0), (CC, 20, 127))
+        rig.send((CC, 21, 127), (CC, 22, 50), (CC, 24, 0), (CC, 25, 63), (CC, 20, 127))
         assert rig.responder.controls.temperature == pytest.approx(2.0)
+        assert rig.responder.controls.key_lock == pytest.approx(2.0)
         assert rig.engine.mode == "respond" and rig.responder.mode == "respond"
         assert rig.responder.bars == 1 and "trigger" in rig.responder.events
         assert rig.sent("coplayer soprano", (CC,)) == []
@@ -367,20 +371,22 @@ def test_osc_handlers_reach_the_engine(tmp_path):
         assert osc.dispatch("/coplayer/top_p", [0.8])
         assert osc.dispatch("/coplayer/tempo", [90])
         assert osc.dispatch("/coplayer/key", ["D minor"])
+        assert osc.dispatch("/coplayer/key_strength", [1.5])
         assert osc.dispatch("/coplayer/part/alto/mute", [1])
         assert osc.dispatch("/coplayer/part/bass/solo", [1.0])
         assert osc.dispatch("/coplayer/trigger")
         assert rig.engine.flush()
         assert rig.engine.mode == "instrument" and rig.engine.clock.bpm == 90
         c = rig.responder.controls
-        assert (c.temperature, c.top_p, str(c.key)) == (0.5, 0.8, "D minor")
+        assert (c.temperature, c.top_p, str(c.key), c.key_lock) == (0.5, 0.8, "D minor", 1.5)
         snap = rig.engine.snapshot()
         assert [(p["muted"], p["solo"]) for p in snap["parts"]][1:] == [(True, False), (False, False),
                                                                         (False, True)]
         assert not osc.dispatch("/coplayer/part/violin/mute", [1])  # unknown part: logged, ignored
         assert not osc.dispatch("/coplayer/mode", ["loud"])
         assert not osc.dispatch("/coplayer/tempo", [5000])
-        assert osc.ignored["handler error"] == 3
+        assert not osc.dispatch("/coplayer/key_strength", [-1.0])
+        assert osc.ignored["handler error"] == 4
         rig.send((ON, 76, 100), (OFF, 76, 0))
         assert osc.dispatch("/coplayer/record")
         assert osc.dispatch("/coplayer/panic")

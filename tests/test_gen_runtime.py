@@ -370,6 +370,9 @@ def test_controls_from_config():
     ctl = Controls.from_config(cfg, temperature=0.5)
     assert ctl.key == Key(9, "minor") and ctl.key_lock == HARD_LOCK and ctl.seed == 4
     assert ctl.parts == ("bass",) and ctl.temperature == 0.5 and ctl.ranges["bass"] == (36, 64)
+    # no key named: the key detected from the playing, kept with key_strength nats
+    ctl = Controls.from_config(parse_config("continuation: {key_strength: 1.5}\n"))
+    assert ctl.key is None and ctl.key_lock == 1.5
 
 
 # -- coplayer continue ---------------------------------------------------------------

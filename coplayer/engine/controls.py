@@ -14,6 +14,8 @@ temperature         0.1 (value 0) to 2.0 (value 127), linearly
 mode                0-42 instrument, 43-85 respond, 86-127 both
 panic               value 64 or more: silence every note
 response_length     1 (value 0) to 16 bars (value 127)
+key_strength        0 (value 0: the key is free) to 4 nats (value 126),
+                    linearly; 127 keeps every note in the key
 trigger             value 64 or more: answer now
 ==================  =======================================================
 
@@ -36,13 +38,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from coplayer.engine.engine import Engine
     from coplayer.io.osc import OscOut
 
-__all__ = ["CcControls", "OscFeed", "cc_mode", "cc_response_bars", "cc_temperature", "osc_handlers"]
+__all__ = ["CcControls", "OscFeed", "cc_key_strength", "cc_mode", "cc_response_bars", "cc_temperature",
+           "osc_handlers"]
 
 log = logging.getLogger(__name__)
 
 TEMPERATURE_RANGE = (0.1, 2.0)
 MODE_BY_THIRD = ("instrument", "respond", "both")
 MAX_RESPONSE_BARS = 16
+MAX_SOFT_KEY_NATS = 4.0  # CC 126; 127 is the hard lock
 
 
 def cc_temperature(value: int) -> float:
@@ -58,6 +62,12 @@ def cc_response_bars(value: int) -> int:
     return 1 + value * (MAX_RESPONSE_BARS - 1) // 127
 
 
+def cc_key_strength(value: int) -> float:
+    from coplayer.gen.sampler import HARD_LOCK
+
+    return HARD_LOCK if value >= 127 else MAX_SOFT_KEY_NATS * value / 126
+
+
 class CcControls:
     """The configured control CC numbers, each mapped to an engine method."""
 
@@ -68,6 +78,7 @@ class CcControls:
             "panic": lambda v: engine.panic() if v >= 64 else None,
             "response_length": lambda v: engine.set_response_bars(cc_response_bars(v)),
             "trigger": lambda v: engine.trigger() if v >= 64 else None,
+            "key_strength": lambda v: engine.set_key_strength(cc_key_strength(v)),
         }
         self._by_number = {getattr(numbers, name): fn for name, fn in actions.items()
                            if getattr(numbers, name) is not None}
@@ -95,6 +106,7 @@ def osc_handlers(engine: "Engine") -> dict[str, Callable[..., object]]:
         "/coplayer/part/<name>/mute": lambda name, on: engine.mute(name, bool(on)),
         "/coplayer/part/<name>/solo": lambda name, on: engine.solo(name, bool(on)),
         "/coplayer/key": engine.set_key,
+        "/coplayer/key_strength": engine.set_key_strength,
         "/coplayer/trigger": engine.trigger,
         "/coplayer/record": engine.record,
     }

@@ -738,11 +738,22 @@ class Engine:
         else:
             self._set_control("key", Key.parse(text.strip()), key_lock=HARD_LOCK)
 
-    def _set_control(self, name: str, value: object, **more: object) -> None:
+    def set_key_strength(self, nats: float) -> None:
+        """How firmly the answer keeps to the key (named, or detected from the
+        playing): notes outside it lose ``nats`` of log-probability; 0 frees
+        them, :data:`~coplayer.gen.sampler.HARD_LOCK` or more forbids them."""
+        from coplayer.gen.sampler import HARD_LOCK
+
+        nats = float(nats)
+        if not nats >= 0:
+            raise ValueError(f"key strength {nats} is not 0 or more")
+        self._set_control("key_lock", min(nats, HARD_LOCK), state="key_strength")
+
+    def _set_control(self, name: str, value: object, state: str | None = None, **more: object) -> None:
         if self.controls is None:
-            raise ValueError(f"cannot set {name}: call and response is not available")
+            raise ValueError(f"cannot set {state or name}: call and response is not available")
         self.controls.set(**{name: value}, **more)
-        self._state(name, "auto" if name == "key" and value is None and more.get("key_lock") else value)
+        self._state(state or name, "auto" if name == "key" and value is None and more.get("key_lock") else value)
 
     def set_response_bars(self, bars: int) -> None:
         bars = int(bars)

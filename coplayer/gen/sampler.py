@@ -179,12 +179,13 @@ class Controls:
     @classmethod
     def from_config(cls, cfg: "Config", **overrides) -> "Controls":
         """The ``continuation`` section and the parts of ``cfg``; a configured
-        ``key_lock`` key is locked hard, none leaves the key free."""
+        ``key_lock`` key is locked hard; without one the key detected from the
+        context is kept with ``key_strength`` nats."""
         c = cfg.continuation
         key = Key.parse(c.key_lock) if c.key_lock else None
         values = dict(
             temperature=c.temperature, top_p=c.top_p, seed=c.seed, key=key,
-            key_lock=HARD_LOCK if key else 0.0,
+            key_lock=HARD_LOCK if key else c.key_strength,
             ranges={p.name: (p.low, p.high) for p in cfg.parts},
             parts=tuple(c.response_parts),
             monophonic=frozenset(p.name for p in cfg.parts if p.monophonic),

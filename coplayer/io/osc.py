@@ -19,7 +19,8 @@ in (coplayer listens)                 args    meaning
 /coplayer/panic                               silence every note now
 /coplayer/part/<name>/mute            i       1 mutes the part, 0 unmutes
 /coplayer/part/<name>/solo            i       1 solos the part, 0 ends the solo
-/coplayer/key                         s       key lock, "C major", or "auto"
+/coplayer/key                         s       key lock, "C major", "auto" or "off"
+/coplayer/key_strength                f       nats an out-of-key note loses, 0-50
 /coplayer/trigger                             answer now, without waiting
 /coplayer/record                              write the session file now
 ====================================  ======  =====================================
@@ -70,6 +71,7 @@ IN_SIGNATURES: dict[str, str] = {
     "/coplayer/part/<name>/mute": "i",
     "/coplayer/part/<name>/solo": "i",
     "/coplayer/key": "s",
+    "/coplayer/key_strength": "f",
     "/coplayer/trigger": "",
     "/coplayer/record": "",
 }
