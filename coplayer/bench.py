@@ -1,18 +1,25 @@
 """End-to-end latency through real JACK ports, beside the bare JACK loop floor.
 
-``coplayer bench`` starts ``coplayer run --api jack`` as a separate process,
-opens its own JACK client (one output port, one input port per coplayer
-output, one "floor" input) and connects them with ``jack_connect``::
+``coplayer bench`` starts ``coplayer run --api jack`` as a separate process
+and, beside it, the bare loop: ``python -m coplayer.io.thru``, a pass-through
+client built on the same port layer that sends every message straight on.
+It opens its own ports (an output; one input that all of coplayer's outputs
+feed, as JACK merges MIDI and the default parts have channels of their own;
+a "floor" input and a "hop" input) and connects them with ``jack_connect``::
 
-    bench out --> coplayer in --> coplayer --> coplayer <part> --> bench <part>
-    bench out ------------------------------------------------> bench floor
+    bench out --> coplayer in --> coplayer --> coplayer <part> --> bench coplayer
+    bench out --> thru in -------------------> thru out -------> bench floor
+    bench out ------------------------------------------------> bench hop
 
-Every note-on is timestamped just before it is sent and again by the
-receiving input's reader (``now_ns``, the clock of :mod:`coplayer.io`), so
-each note gives one end-to-end and one floor latency in the same run, under
-the same pacing.  Then the rate is stepped up (50 to 2,000 notes/s) and the
-highest rate with no lost note, no stuck note and no fallback decision
-(coplayer's ``misses``, read from its OSC ``/coplayer/stats``) is reported.
+Both loops cross two JACK hops and the same kind of ports, so their
+difference is what coplayer does between its ports; the single hop is
+reported too.  Every note-on is timestamped just before it is sent and again
+by the receiving input's reader (``now_ns``, the clock of
+:mod:`coplayer.io`), so each note gives one end-to-end, one floor and one hop
+latency in the same run, under the same pacing.  Then the rate is stepped up
+(50 to 2,000 notes/s) and the highest rate with no lost note, no stuck note
+and no fallback decision (coplayer's ``misses``, read from its OSC
+``/coplayer/stats``) is reported.
 
 The pieces (:class:`CoplayerProcess`, :class:`Peer`, :func:`jack_connect`,
 the note schedules) are also what ``tests/test_e2e_jack.py`` plays with.
@@ -48,6 +55,7 @@ __all__ = [
 
 PARTS = ("soprano", "alto", "tenor", "bass")
 OUTPUTS = (*PARTS, "thru", "drums")
+MERGED = "coplayer"  # the bench's one input for every coplayer output (parts differ by channel)
 NOTE_ON, NOTE_OFF, CC = 0x90, 0x80, 0xB0
 VELOCITY = 90
 RATES = (50, 100, 200, 500, 1000, 2000)  # notes/s, each for STEP_S
@@ -204,6 +212,39 @@ class CoplayerProcess:
         self.stop()
 
 
+@dataclass
+class ThruProcess:
+    """``python -m coplayer.io.thru``: the bare pass-through loop, as a separate process."""
+
+    name: str = field(default_factory=lambda: f"cpbthru{os.getpid()}x{random.randrange(10**6)}")
+    proc: subprocess.Popen | None = None
+    ports: dict[str, str] = field(default_factory=dict)  # "in" / "out" -> full JACK name
+
+    def start(self) -> ThruProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "coplayer.io.thru", self.name], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            found = wait_ports([f"{self.name} in", f"{self.name} out"], alive=lambda: self.proc.poll() is None)
+        except BenchError:
+            out = self.stop()
+            raise BenchError(f"the pass-through did not open its ports; it said: {out.strip()[-2000:]}") from None
+        self.ports = {"in": found[f"{self.name} in"], "out": found[f"{self.name} out"]}
+        return self
+
+    def stop(self) -> str:
+        """SIGTERM, wait (kill after 10 s); returns what it printed."""
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out
+
+
 # --- the bench's own JACK client ----------------------------------------------------
 
 
@@ -235,14 +276,21 @@ class Peer:
     def out_port(self) -> str:
         return wait_ports([f"{self.name} out"])[f"{self.name} out"]
 
-    def attach(self, coplayer: CoplayerProcess, floor: bool = False) -> None:
-        """Connect the output to coplayer's input and every coplayer output to an input here."""
+    def attach(self, coplayer: CoplayerProcess, thru: ThruProcess | None = None, merge: bool = False) -> None:
+        """Connect the output to coplayer's input and every coplayer output to
+        an input here named after it, or with ``merge`` all of them to one
+        input, :data:`MERGED` (JACK merges MIDI; the default parts have
+        channels of their own); with ``thru``, also the bare loop (input
+        "floor") and the single hop (input "hop")."""
         out = self.out_port()
         jack_connect(out, coplayer.ports["in"])
+        merged = self.listen(MERGED) if merge else None
         for what in OUTPUTS:
-            jack_connect(coplayer.ports[what], self.listen(what))
-        if floor:
-            jack_connect(out, self.listen("floor"))
+            jack_connect(coplayer.ports[what], merged or self.listen(what))
+        if thru is not None:
+            jack_connect(out, thru.ports["in"])
+            jack_connect(thru.ports["out"], self.listen("floor"))
+            jack_connect(out, self.listen("hop"))
 
     def events(self, labels=None, since_ns: int = 0) -> list[tuple[str, Message, int]]:
         with self._lock:
@@ -403,15 +451,15 @@ def match(sent: list[tuple[int, Message]], arrived, labels) -> dict[int, float]:
 
 def latencies(sent: list[tuple[int, Message]], arrived, labels=PARTS) -> tuple[list[float], int, int]:
     """(ms to coplayer's parts of each note-on, notes lost by coplayer, notes
-    lost by JACK itself).  A note the floor input did not get either is
-    JACK's loss (or the sender's), not coplayer's; without a floor input
-    every missing note counts as coplayer's."""
+    lost by JACK itself).  A note the single-hop input ("hop") did not get
+    either is JACK's loss (or the sender's), not coplayer's; without that
+    input every missing note counts as coplayer's."""
     e2e = match(sent, arrived, labels)
     ons = [i for i, (_, m) in enumerate(sent) if is_on(m)]
-    has_floor = any(e[0] == "floor" for e in arrived)
-    floor = match(sent, arrived, ("floor",)) if has_floor else {i: 0.0 for i in ons}
-    lost = sum(1 for i in ons if i in floor and i not in e2e)
-    return list(e2e.values()), lost, sum(1 for i in ons if i not in floor)
+    has_hop = any(e[0] == "hop" for e in arrived)
+    hop = match(sent, arrived, ("hop",)) if has_hop else {i: 0.0 for i in ons}
+    lost = sum(1 for i in ons if i in hop and i not in e2e)
+    return list(e2e.values()), lost, sum(1 for i in ons if i not in hop)
 
 
 @dataclass
@@ -423,7 +471,9 @@ class Result:
     stuck: int
     max_notes_per_s: int
     steps: list[dict]
-    jack_lost: int = 0  # notes the bare JACK loop lost too (not counted in ``lost``)
+    jack_lost: int = 0  # notes the single JACK hop lost too (not counted in ``lost``)
+    hop_ms: list[float] = field(default_factory=list)
+    floor_lost: int = 0  # notes the bare loop lost
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -433,13 +483,19 @@ class Result:
 
     def report(self) -> list[str]:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
+
+        def line(label: str, ms: list[float]) -> str:
+            s = summary(ms)
+            return (f"{label} ({len(ms)} notes): p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms, "
+                    f"max {s['max']:.3f} ms, jitter {s['p99'] - s['p50']:.3f} ms")
+
         lines = [
-            f"end to end  ({len(self.e2e_ms)} notes): p50 {e['p50']:.3f} ms, p99 {e['p99']:.3f} ms, "
-            f"max {e['max']:.3f} ms, jitter {e['p99'] - e['p50']:.3f} ms",
-            f"JACK floor  ({len(self.floor_ms)} notes): p50 {f['p50']:.3f} ms, p99 {f['p99']:.3f} ms, "
-            f"max {f['max']:.3f} ms, jitter {f['p99'] - f['p50']:.3f} ms",
-            f"over the floor: p99 +{e['p99'] - f['p99']:.3f} ms; lost {self.lost}, stuck {self.stuck} of {self.notes} "
-            f"(and {self.jack_lost} lost by JACK itself, on the bare loop too)",
+            line("end to end        ", self.e2e_ms),
+            line("floor (bare loop) ", self.floor_ms),
+            line("one JACK hop      ", self.hop_ms),
+            f"over the floor: p50 +{e['p50'] - f['p50']:.3f} ms, p99 +{e['p99'] - f['p99']:.3f} ms; "
+            f"lost {self.lost}, stuck {self.stuck} of {self.notes} "
+            f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost})",
         ]
         for s in self.steps:
             lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
@@ -460,9 +516,9 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     before = stats.fresh_stats()
     sent, arrived = _section(peer, rate_steps(rate, STEP_S, rng))
     after = stats.fresh_stats()
-    ms, lost, jack_lost = latencies(sent, arrived)
+    ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
-    stuck = sum(sounding_after([e for e in arrived if e[0] in PARTS]).values())
+    stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
             "misses": misses,
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
@@ -477,18 +533,21 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Resul
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # the readers timestamp promptly while the sender works
     cp = CoplayerProcess(settings={"latency.stats_interval_s": 0.2})
+    thru = ThruProcess()
     stats = StatsListener(cp.osc_out)
     peer = None
     try:
         cp.start()
+        thru.start()
         peer = Peer()
-        peer.attach(cp, floor=True)
+        peer.attach(cp, thru, merge=True)  # 4 JACK clients, not 9: each python-rtmidi port is one
         time.sleep(0.3)
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
         sent, arrived = _section(peer, realistic(notes, rng))
-        e2e, lost, jack_lost = latencies(sent, arrived)
-        floor = list(match(sent, arrived, ("floor",)).values())
-        stuck = sum(sounding_after([e for e in arrived if e[0] in PARTS]).values())
+        e2e, lost, jack_lost = latencies(sent, arrived, (MERGED,))
+        floor = match(sent, arrived, ("floor",))
+        hop = match(sent, arrived, ("hop",))
+        stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
         steps, best = [], 0
         for rate in rates:
             say(f"{rate} notes/s for {STEP_S:g} s")
@@ -497,10 +556,12 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Resul
             if not step["ok"]:
                 break
             best = rate
-        return Result(e2e, floor, sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost)
+        return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
+                      list(hop.values()), sum(1 for i in hop if i not in floor))
     finally:
         if peer is not None:
             peer.close()
+        thru.stop()
         cp.stop()
         stats.close()
         sys.setswitchinterval(switch)

@@ -225,3 +225,40 @@ def test_outputs_are_all_real_jack_ports(coplayer_factory):
     cp, _peer = coplayer_factory()
     assert set(cp.ports) == {"in", *OUTPUTS}
     assert all(":" in name for name in cp.ports.values())
+
+
+def test_bare_loop_passes_everything_through():
+    """The bench's floor: ``python -m coplayer.io.thru`` forwards every message."""
+    from coplayer.bench import ThruProcess, match
+
+    thru = ThruProcess().start()
+    peer = Peer()
+    try:
+        out = peer.out_port()
+        jack_connect(out, thru.ports["in"])
+        jack_connect(thru.ports["out"], peer.listen("floor"))
+        time.sleep(0.2)
+        sent = peer.play(single_notes(40, 40.0, random.Random(3)))
+        peer.wait_quiet()
+        got = peer.events(["floor"])
+        assert [m for _, m, _ in got] == [m for _, m in sent]
+        assert len(match(sent, got, ("floor",))) == 40
+    finally:
+        peer.close()
+        thru.stop()
+    assert thru.proc.returncode == 0
+
+
+def test_bench_measures_both_loops():
+    """``coplayer bench`` end to end, shortened: both distributions, every figure."""
+    from coplayer.bench import bench
+
+    result = bench(notes=120, rates=(50,))
+    figures = result.figures()
+    assert set(figures) == {"e2e_p50_ms", "e2e_p99_ms", "e2e_max_ms", "floor_p50_ms", "floor_p99_ms", "notes",
+                            "lost", "stuck", "max_notes_per_s"}
+    n = figures["notes"]  # the sections round 120 down to whole chords
+    assert 100 <= n <= 120 and len(result.e2e_ms) + result.lost + result.jack_lost == n
+    assert len(result.floor_ms) + result.floor_lost + result.jack_lost == n
+    assert 0 < figures["floor_p50_ms"] and 0 < figures["e2e_p50_ms"]
+    assert [s["rate"] for s in result.steps] == [50]
