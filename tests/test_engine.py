@@ -570,18 +570,23 @@ def test_feedback_from_a_monitored_part_is_dropped_with_one_warning(caplog):
 
 def test_feedback_guard_unit():
     guard = FeedbackGuard(window_ns=30_000_000)
-    guard.sent((0x91, 60, 100), 1000, source=(0, 60))  # the alto's copy of the player's C4
+    guard.sent((0x91, 60, 100), 1000, source=(0, 60), source_ns=900)  # the alto's copy of the player's C4
     assert guard.is_echo((0x91, 60, 100), 2000, lambda c, p: True)
     assert not guard.is_echo((0x91, 60, 100), 500, lambda c, p: True)  # arrived before it was sent
     assert not guard.is_echo((0x91, 60, 100), 40_000_000, lambda c, p: True)  # too late to be an echo
-    guard.sent((0x90, 62, 100), 50_000_000, source=(0, 62))  # on the player's own channel
+    guard.sent((0x90, 62, 100), 50_000_000, source=(0, 62), source_ns=49_999_000)  # on the player's own channel
     assert guard.is_echo((0x90, 62, 100), 50_001_000, lambda c, p: True)
     assert not guard.is_echo((0x80, 62, 0), 50_002_000, lambda c, p: True)  # the player lets go
     guard.sent((0x80, 62, 0), 50_002_100, source=None)
     assert guard.is_echo((0x80, 62, 0), 50_002_200, lambda c, p: False)  # the echo's note-off
-    guard.sent((0x90, 64, 100), 60_000_000, source=(0, 64))
+    guard.sent((0x90, 64, 100), 60_000_000, source=(0, 64), source_ns=59_999_000)
     assert not guard.is_echo((0x80, 64, 0), 60_001_000, lambda c, p: True)
     assert not guard.is_echo((0x90, 64, 100), 60_002_000, lambda c, p: False)  # struck again
+    # a backlog: the copy of a key struck at 70 ms left at 75 ms; the key was released at
+    # 72 ms and struck again at 76 ms (arrival times): a new strike, not an echo
+    guard.sent((0x90, 65, 100), 75_000_000, source=(0, 65), source_ns=70_000_000)
+    assert not guard.is_echo((0x80, 65, 0), 72_000_000, lambda c, p: True)
+    assert not guard.is_echo((0x90, 65, 100), 76_000_000, lambda c, p: False)
     assert guard.dropped == 3
 
 

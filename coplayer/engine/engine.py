@@ -538,12 +538,14 @@ class Engine:
 
     # --- sending -------------------------------------------------------------------
 
-    def _send(self, port: BaseOutput, data: Message, source: tuple[int, int] | None = None) -> bool:
-        """Send on ``port``; a failing port is logged once and skipped after."""
+    def _send(self, port: BaseOutput, data: Message, source: tuple[int, int] | None = None,
+              source_ns: int = 0) -> bool:
+        """Send on ``port``; a failing port is logged once and skipped after.
+        ``source``: the input (channel, pitch) ``data`` copies, arrived at ``source_ns``."""
         if id(port) in self._failed:
             return False
         if self.guard is not None:
-            self.guard.sent(data, self._now(), source)
+            self.guard.sent(data, self._now(), source, source_ns)
         try:
             port.send(data)
         except PortError as exc:
@@ -565,7 +567,7 @@ class Engine:
     def _emit(self, target: Target, data: Message, t_ns: int, source: tuple[int, int] | None = None) -> bool:
         """Send ``data`` to ``target`` (its channel) and account for it."""
         data = target.address(data)
-        if not self._send(target.port, data, source):
+        if not self._send(target.port, data, source, t_ns):
             return False
         part = target.part
         if part is not None and data[0] & 0xE0 == NOTE_OFF:  # note-on or note-off
