@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from coplayer.config import Config, Continuation
-from coplayer.engine.responder import NOTE_OFF, NOTE_ON, Responder
+from coplayer.engine.responder import HISTORY, NOTE_OFF, NOTE_ON, Responder
 from coplayer.gen.encoding import Encoding
 from coplayer.gen.markov import MarkovModel
 from coplayer.io.clock import InternalClock
@@ -241,6 +241,24 @@ def test_instrument_mode_never_responds(rig):
     r.trigger()
     time.sleep(2 * BEAT_NS / 1e9)
     assert rec.snapshot() == [] and r.stats["generated"] == 0
+
+
+def test_instrument_mode_feeds_the_model_only_when_the_mode_changes(rig):
+    """No processor time for answers that cannot come; the notes wait, bounded."""
+    model = FakeModel()
+    r, clock, rec = rig(model=model, cfg=replace(config(), mode="instrument"))
+    assert wait_for(lambda: r.state == "listening")
+    fed_at_start = model.fed
+    play_phrase(r, clock)
+    time.sleep(3 * BEAT_NS / 1e9)
+    assert model.fed == fed_at_start
+    for i in range(3 * HISTORY):  # a long stretch of instrumenting: the backlog stays bounded
+        r.note_on(40 + i % 40, 80, "bass", now_ns())
+        r.note_off(40 + i % 40, now_ns())
+    assert len(r._pending) <= 2 * HISTORY
+    r.set_mode("both")
+    assert wait_for(lambda: model.fed > fed_at_start)
+    assert model.fed - fed_at_start <= 2 * HISTORY
 
 
 def test_slow_generation_is_pushed_by_a_bar(rig):

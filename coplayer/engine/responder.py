@@ -16,6 +16,9 @@ Threads
   player's notes as soon as they are final (released, and no later note can
   still land on an earlier grid tick), so at a phrase end only the answer is
   left to compute; watches for the phrase end; generates; plans the start.
+  In mode ``instrument`` no answer can come: the input path does not wake
+  it, the last :data:`HISTORY` notes wait, and they are fed in one go when
+  the mode changes (so it takes no processor time from routing).
 * **scheduler thread** (``coplayer-respond-play``): sends the answer's
   note-ons and note-offs at their times: ``threading.Event.wait`` until the
   next one is due (waits of at most :data:`MAX_WAIT_S`), on the
@@ -249,7 +252,11 @@ class Responder:
             self._answered = False
             self._epoch += 1  # an answer being made now answers a phrase that goes on
             self._release_locked("cancelled")
-        self._gen_wake.set()
+            listening = self._mode != "instrument"
+            if not listening and len(self._pending) > 2 * HISTORY:
+                del self._pending[:-HISTORY]  # older notes would leave the history anyway
+        if listening:
+            self._gen_wake.set()
 
     def note_off(self, pitch: int, t_ns: int) -> None:
         with self._lock:
@@ -259,7 +266,9 @@ class Responder:
             held.popleft().off_ns = int(t_ns)  # first in, first out, as MIDI pairs them
             if not held:
                 del self._open[int(pitch)]
-        self._gen_wake.set()
+            listening = self._mode != "instrument"
+        if listening:
+            self._gen_wake.set()
 
     def trigger(self) -> None:
         """Answer now (keys held count with their duration so far)."""
@@ -283,6 +292,7 @@ class Responder:
             changed, self._mode = mode != self._mode, mode
         if changed:
             self.cancel()
+            self._gen_wake.set()  # feeds the notes that waited
 
     def set_response_bars(self, bars: int) -> None:
         if not (isinstance(bars, int) and 1 <= bars <= MAX_BARS):
@@ -361,7 +371,8 @@ class Responder:
             self._gen_wake.clear()
             timeout = IDLE_S
             try:
-                self._commit()
+                if self._mode != "instrument":
+                    self._commit()
                 reason, timeout = self._phrase_end()
                 if reason:
                     self._respond(reason)
