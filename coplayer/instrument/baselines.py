@@ -79,6 +79,8 @@ class ZoneScorer:
     when the parts differ from the fitted ones).
     """
 
+    uses_features = False  # see coplayer.instrument.instrumenter.Scorer
+
     def __init__(self, parts: Sequence[str], counts: np.ndarray, mean: Sequence[float],
                  sd: Sequence[float], *, source: str = ""):
         self.parts = tuple(parts)
@@ -210,6 +212,8 @@ class ClosestPitchScorer:
     the :class:`Instrumenter` weigh against distances) plus a tiny share of
     the zone log-probabilities to break ties, normalised to log-probabilities.
     """
+
+    uses_features = False  # see coplayer.instrument.instrumenter.Scorer
 
     def __init__(self, zone: ZoneScorer, *, scale: float = CLOSEST_SCALE,
                  tie_weight: float = TIE_WEIGHT):

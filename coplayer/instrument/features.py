@@ -115,12 +115,15 @@ class Featurizer:
         state.last_release = time
         return part
 
-    def note_on(self, pitch: int, velocity: int, time: float) -> np.ndarray:
-        """Features of a note at its note-on (state changes only at commit)."""
+    def note_on(self, pitch: int, velocity: int, time: float, vector: bool = True) -> np.ndarray | None:
+        """Features of a note at its note-on (state changes only at commit);
+        None with ``vector`` false (the note still needs its commit)."""
         if self._pending is not None:
             raise RuntimeError("note_on() twice without commit()")
-        in_chord = self._chord_start is not None and time - self._chord_start <= self.spec.chord_window
         self._pending = (pitch, time)
+        if not vector:
+            return None
+        in_chord = self._chord_start is not None and time - self._chord_start <= self.spec.chord_window
         return self._vector(pitch, velocity, time, in_chord)
 
     def commit(self, part: int) -> None:
