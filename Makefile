@@ -54,6 +54,7 @@ eval: $(BIN)/.dev
 bench: $(BIN)/.dev
 	$(BIN)/python benchmarks/instrument_step.py
 	$(BIN)/python benchmarks/continue_speed.py
+	$(BIN)/python benchmarks/engine_throughput.py
 
 # Only the end-to-end tests through real JACK ports (`make test` runs them too).
 test-e2e: $(BIN)/.dev
