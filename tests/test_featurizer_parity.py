@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from coplayer.data.corpus import SATB
-from coplayer.instrument.features import Featurizer, FeatureSpec
+from coplayer.instrument.features import CHORD_NOTES, Featurizer, FeatureSpec
 from coplayer.instrument.instrumenter import Instrumenter
 from coplayer.instrument.protocols import perform
 
@@ -63,3 +63,16 @@ def test_training_and_runtime_features_are_identical(protocol):
     assert len(replayer.seen) == len(trained.feats) == len(score.notes)
     assert (trained.fed != trained.labels).any()  # own decisions, not only the truth, were fed back
     np.testing.assert_array_equal(np.stack(replayer.seen), trained.feats)
+
+
+def test_a_chord_holds_at_most_chord_notes():
+    """A very fast run (every note inside one chord window) is cut into chords
+    of CHORD_NOTES, so no note's work grows with the run."""
+    f = Featurizer(FeatureSpec(n_parts=4))
+    sizes = []
+    for i in range(3 * CHORD_NOTES):
+        f.note_on(40 + i, 80, i * 0.001)  # 1,000 notes/s: all within 35 ms of the first
+        f.commit(i % 4)
+        sizes.append(len(f._chord))
+    assert max(sizes) == CHORD_NOTES
+    assert sizes[CHORD_NOTES] == 1  # the next note starts a new chord

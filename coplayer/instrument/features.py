@@ -29,6 +29,10 @@ import numpy as np
 FEATURIZER_VERSION = 1
 INTERVAL_EDGES = (0, 2, 4, 7, 12)  # |interval| buckets: 0, 1-2, 3-4, 5-7, 8-12, >12
 MAX_CHORD = 4
+# Notes one chord can hold: two hands play at most ten keys.  Past it, a note
+# starts a new chord, so a run of 1,000 notes/s (35 notes in one chord window)
+# does not make every note's work grow with it.  No chorale reaches it.
+CHORD_NOTES = 12
 EXACT_S = 1e-4  # onsets closer than this are simultaneous as written, not as played
 
 
@@ -123,8 +127,7 @@ class Featurizer:
         self._pending = (pitch, time)
         if not vector:
             return None
-        in_chord = self._chord_start is not None and time - self._chord_start <= self.spec.chord_window
-        return self._vector(pitch, velocity, time, in_chord)
+        return self._vector(pitch, velocity, time, self._joins_chord(time))
 
     def commit(self, part: int) -> None:
         """Record the part chosen for the note of the last note_on()."""
@@ -132,7 +135,7 @@ class Featurizer:
             raise RuntimeError("commit() without note_on()")
         pitch, time = self._pending
         self._pending = None
-        if self._chord_start is None or time - self._chord_start > self.spec.chord_window:
+        if not self._joins_chord(time):
             self._chord_start = time
             self._chord, self._chord_notes = [], []
             self._before = [(s.last_pitch, s.prev_pitch, s.last_onset) for s in self._parts]
@@ -147,6 +150,10 @@ class Featurizer:
         self._apply_chord()
         self._prev_pitch, self._prev_onset = pitch, time
         self._prev_part = self._chord_notes[-1][1]
+
+    def _joins_chord(self, time: float) -> bool:
+        return (self._chord_start is not None and time - self._chord_start <= self.spec.chord_window
+                and len(self._chord) < CHORD_NOTES)
 
     def _resort_chord(self) -> None:
         """Re-pair the chord's notes with its parts in pitch order (top part, top note)."""
