@@ -429,6 +429,22 @@ def sounding_after(events) -> dict[tuple[str, int, int], int]:
     return {k: v for k, v in count.items() if v}
 
 
+def offs_reported(stuck: dict[tuple[str, int, int], int], osc: list[tuple[str, tuple]]) -> int:
+    """How many of the ``stuck`` notes (``sounding_after`` of the merged
+    input; channel n is part n) coplayer reported, on its OSC note feed, as
+    ended: those note-offs left coplayer and were lost after it (in JACK)."""
+    ons, offs = defaultdict(int), defaultdict(int)
+    for address, args in osc:
+        if address == "/coplayer/note" and len(args) == 3:
+            (offs if args[2] == 0 else ons)[(args[0], args[1])] += 1
+    reported = 0
+    for (_label, ch, pitch), n in stuck.items():
+        if ch < len(PARTS):
+            key = (PARTS[ch], pitch)
+            reported += min(n, max(0, offs[key] - (ons[key] - n)))
+    return reported
+
+
 def match(sent: list[tuple[int, Message]], arrived, labels) -> dict[int, float]:
     """{index in ``sent`` of a note-on: ms until it arrived on ``labels``}.
     An arrival matches the latest unmatched note-on of its pitch sent before
@@ -474,6 +490,7 @@ class Result:
     jack_lost: int = 0  # notes the single JACK hop lost too (not counted in ``lost``)
     hop_ms: list[float] = field(default_factory=list)
     floor_lost: int = 0  # notes the bare loop lost
+    stuck_reported_off: int = 0  # stuck notes whose note-off coplayer reported sending (OSC)
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -495,6 +512,7 @@ class Result:
             line("one JACK hop      ", self.hop_ms),
             f"over the floor: p50 +{e['p50'] - f['p50']:.3f} ms, p99 +{e['p99'] - f['p99']:.3f} ms; "
             f"lost {self.lost}, stuck {self.stuck} of {self.notes} "
+            f"({self.stuck_reported_off} of the stuck ended by coplayer, per its OSC feed: lost after it) "
             f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost})",
         ]
         for s in self.steps:
@@ -543,11 +561,14 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Resul
         peer.attach(cp, thru, merge=True)  # 4 JACK clients, not 9: each python-rtmidi port is one
         time.sleep(0.3)
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
+        osc_from = len(stats.messages)
         sent, arrived = _section(peer, realistic(notes, rng))
         e2e, lost, jack_lost = latencies(sent, arrived, (MERGED,))
         floor = match(sent, arrived, ("floor",))
         hop = match(sent, arrived, ("hop",))
-        stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
+        sounding = sounding_after([e for e in arrived if e[0] == MERGED])
+        stuck = sum(sounding.values())
+        reported = offs_reported(sounding, stats.messages[osc_from:])
         steps, best = [], 0
         for rate in rates:
             say(f"{rate} notes/s for {STEP_S:g} s")
@@ -557,7 +578,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Resul
                 break
             best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
-                      list(hop.values()), sum(1 for i in hop if i not in floor))
+                      list(hop.values()), sum(1 for i in hop if i not in floor), reported)
     finally:
         if peer is not None:
             peer.close()
