@@ -221,10 +221,6 @@ class SourceResult:
     events: int = 0
     pieces: list[Tally] = field(default_factory=list)  # one per test piece, over its samples
 
-    @property
-    def tally(self) -> Tally:
-        return _merge(self.pieces)
-
 
 BOOTSTRAP = 200  # resamples of the test pieces behind each standard error
 
