@@ -127,7 +127,7 @@ class Featurizer:
         self._pending = (pitch, time)
         if not vector:
             return None
-        return self._vector(pitch, velocity, time, self._joins_chord(time))
+        return self._vector(pitch, velocity, time, self.joins_chord(time))
 
     def commit(self, part: int) -> None:
         """Record the part chosen for the note of the last note_on()."""
@@ -135,7 +135,7 @@ class Featurizer:
             raise RuntimeError("commit() without note_on()")
         pitch, time = self._pending
         self._pending = None
-        if not self._joins_chord(time):
+        if not self.joins_chord(time):
             self._chord_start = time
             self._chord, self._chord_notes = [], []
             self._before = [(s.last_pitch, s.prev_pitch, s.last_onset) for s in self._parts]
@@ -151,7 +151,8 @@ class Featurizer:
         self._prev_pitch, self._prev_onset = pitch, time
         self._prev_part = self._chord_notes[-1][1]
 
-    def _joins_chord(self, time: float) -> bool:
+    def joins_chord(self, time: float) -> bool:
+        """Does a note at ``time`` join the chord of the notes committed so far?"""
         return (self._chord_start is not None and time - self._chord_start <= self.spec.chord_window
                 and len(self._chord) < CHORD_NOTES)
 

@@ -93,7 +93,6 @@ class Instrumenter:
         self.featurizer.reset()
         self.scorer.reset()
         self._sounding: dict[int, list[int]] = {}  # pitch -> parts it was routed to, oldest first
-        self._chord_start: float | None = None
         self._chord_parts: set[int] = set()  # parts routed in the current chord
 
     def note_on(self, pitch: int, velocity: int, time: float, force: int | None = None,
@@ -106,9 +105,9 @@ class Instrumenter:
         forced note (a stateful model then misses none) unless ``listen`` is
         false: a caller short of time records the decision alone.
         """
+        if not self.featurizer.joins_chord(time):
+            self._chord_parts = set()
         feats = self.featurizer.note_on(pitch, velocity, time, vector=self._vector)
-        if self._chord_start is None or time - self._chord_start > self.featurizer.spec.chord_window:
-            self._chord_start, self._chord_parts = time, set()
         if force is None or listen:
             scores = self._constrain(pitch, np.array(self.scorer.log_probs(pitch, feats, self.featurizer),
                                                      dtype=np.float64))
