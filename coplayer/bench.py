@@ -154,6 +154,18 @@ class StatsListener:
         self._server.server_close()
 
 
+def terminate(proc: subprocess.Popen, timeout_s: float) -> str:
+    """SIGTERM (if still running), wait, kill after ``timeout_s``; what it printed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
 # --- coplayer as a separate process -------------------------------------------------
 
 
@@ -196,13 +208,7 @@ class CoplayerProcess:
         """SIGTERM, wait; returns the exit code (kills after ``timeout_s``)."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.output, _ = self.proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.output, _ = self.proc.communicate()
+        self.output = terminate(self.proc, timeout_s)
         return self.proc.returncode
 
     def __enter__(self) -> CoplayerProcess:
@@ -233,16 +239,7 @@ class ThruProcess:
 
     def stop(self) -> str:
         """SIGTERM, wait (kill after 10 s); returns what it printed."""
-        if self.proc is None:
-            return ""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+        return "" if self.proc is None else terminate(self.proc, 10.0)
 
 
 # --- the bench's own JACK client ----------------------------------------------------
