@@ -90,7 +90,10 @@ def _parse_piece(path: str) -> tuple[str, tuple[list[tuple[float, float, int, in
     _, corpus = _music21()
     key = corpus_key(Path(path))
     try:
-        score = corpus.parse(path)
+        # forceSource: music21's own pickle cache is shared by every process
+        # parsing at once (a training run beside the tests): racing on it
+        # made sound chorales fail as "unparseable", and that was cached.
+        score = corpus.parse(path, forceSource=True)
     except Exception as exc:  # music21 raises many unrelated types on bad files
         return key, f"unparseable ({type(exc).__name__})"
     parts = list(score.parts)
@@ -127,7 +130,7 @@ def _rows_to_score(key: str, rows: np.ndarray, meter: tuple[int, int] = (4, 4)) 
     return score.fill_seconds().sort()
 
 
-def _cache_path() -> Path:
+def chorale_cache_path() -> Path:
     music21, _ = _music21()
     tag = f"{music21.__version__}-v{LOADER_VERSION}"
     return cache_dir() / f"bach-chorales-{tag}.npz"
@@ -162,7 +165,7 @@ def write_cache(path: Path, results: list[tuple[str, str | tuple[list, tuple]]])
             arrays.append(np.asarray(result[0], dtype=np.float64))
             meters.append(result[1])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # two builders at once must not share it
     np.savez_compressed(
         tmp,
         keys=np.array(keys),
@@ -185,7 +188,7 @@ def read_cache(path: Path, what: str) -> dict[str, np.ndarray]:
 
 
 def _load_cache(workers: int | None = None) -> dict[str, np.ndarray]:
-    path = _cache_path()
+    path = chorale_cache_path()
     if not path.exists():
         _build_cache(path, workers or min(2, os.cpu_count() or 1))
     return read_cache(path, "corpus")

@@ -14,7 +14,7 @@ from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 
-from coplayer.data.corpus import harmonisation_signature, load_bach_chorales
+from coplayer.data.corpus import chorale_cache_path, harmonisation_signature, load_bach_chorales
 from coplayer.data.notes import Score
 from coplayer.errors import DataError
 
@@ -82,7 +82,8 @@ def load_split(split: str, manifest: dict | None = None) -> list[Score]:
     if absent:
         raise DataError(
             f"{len(absent)} pieces of the {split} split are not in this music21 corpus "
-            f"(first: {absent[0]}); the manifest was made with another corpus"
+            f"(first: {absent[0]}); the manifest was made with another corpus, or the "
+            f"parsed-corpus cache in {chorale_cache_path().parent} is stale: delete it to rebuild"
         )
     return [scores[k] for k in manifest[split]]
 

@@ -159,7 +159,7 @@ def _parse_melody_file(path: str) -> list[tuple[str, tuple | str]]:
 
     key = corpus_key(Path(path))
     try:
-        parsed = corpus.parse(path)
+        parsed = corpus.parse(path, forceSource=True)  # see corpus._parse_piece
     except Exception as exc:  # music21 raises many unrelated types on bad files
         return [(f"{key}#*", f"unparseable file ({type(exc).__name__})")]
     scores = list(parsed.scores) if isinstance(parsed, stream.Opus) else [parsed]
