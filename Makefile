@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 .PHONY: demo test test-e2e train train-instrument train-continue train-markov bench bench-e2e eval clean
 
 # Runtime only: no torch, no music21.
-$(BIN)/.runtime: pyproject.toml
+$(BIN)/.runtime: pyproject.toml setup.py coplayer/io/_jackmidi.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e .
 	touch $@
 
 # Runtime + dev + train extras (torch pinned to the local CPU build).
-$(BIN)/.dev: pyproject.toml
+$(BIN)/.dev: pyproject.toml setup.py coplayer/io/_jackmidi.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[dev,train]"
 	touch $@ $(BIN)/.runtime

@@ -176,6 +176,7 @@ class CoplayerProcess:
 
     name: str = field(default_factory=lambda: f"cpb{os.getpid()}x{random.randrange(10**6)}")
     mode: str = "instrument"
+    backend: str = "auto"  # midi.backend: see coplayer.io.real
     settings: dict[str, object] = field(default_factory=dict)
     osc_in: int = field(default_factory=free_udp_port)
     osc_out: int = field(default_factory=free_udp_port)
@@ -187,7 +188,7 @@ class CoplayerProcess:
         return f"{self.name} {what}"
 
     def args(self) -> list[str]:
-        values = {"midi.api": "jack", "midi.client_name": self.name, "midi.virtual_input_name": self.short("in"),
+        values = {"midi.api": "jack", "midi.backend": self.backend, "midi.client_name": self.name, "midi.virtual_input_name": self.short("in"),
                   "mode": self.mode, "session.record": "false", "osc.in_port": self.osc_in,
                   "osc.out_port": self.osc_out, **self.settings}
         sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
@@ -223,11 +224,13 @@ class ThruProcess:
     """``python -m coplayer.io.thru``: the bare pass-through loop, as a separate process."""
 
     name: str = field(default_factory=lambda: f"cpbthru{os.getpid()}x{random.randrange(10**6)}")
+    backend: str = "auto"
     proc: subprocess.Popen | None = None
     ports: dict[str, str] = field(default_factory=dict)  # "in" / "out" -> full JACK name
 
     def start(self) -> ThruProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "coplayer.io.thru", self.name], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, "-m", "coplayer.io.thru", self.name, "--backend", self.backend],
+                                     stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             found = wait_ports([f"{self.name} in", f"{self.name} out"], alive=lambda: self.proc.poll() is None)
@@ -246,28 +249,34 @@ class ThruProcess:
 
 
 class Peer:
-    """One output port and any number of input ports (virtual, JACK API);
-    every received message is kept as (input name, message, t_ns)."""
+    """One output port and any number of input ports (virtual, JACK API,
+    ``backend`` as in :mod:`coplayer.io.real`); every received message is
+    kept as (input name, message, t_ns)."""
 
-    def __init__(self, name: str | None = None) -> None:
-        from coplayer.io.rtmidi_backend import RtMidiOutput
+    def __init__(self, name: str | None = None, backend: str = "auto") -> None:
+        from coplayer.io.real import open_output
 
         self.name = name or f"cpbpeer{os.getpid()}x{random.randrange(10**6)}"
-        self.out = RtMidiOutput(f"{self.name} out", virtual=True, api="jack", client_name=self.name)
+        self.backend = backend
+        # The output has a client of its own: one client both feeding coplayer
+        # and fed by it would close a cycle in the JACK graph, which JACK
+        # breaks with a period of delay (and, measured, many xruns).
+        self.out = open_output(f"{self.name} out", virtual=True, backend=backend, api="jack",
+                               client_name=f"{self.name}send")
         self.inputs: dict[str, object] = {}
         self.received: list[tuple[str, Message, int]] = []
         self._lock = threading.Lock()
 
     def listen(self, label: str) -> str:
         """Open input ``label``; returns its full JACK name."""
-        from coplayer.io.rtmidi_backend import RtMidiInput
+        from coplayer.io.real import open_input
 
         def keep(msg: Message, t_ns: int, label=label) -> None:
             with self._lock:
                 self.received.append((label, msg, t_ns))
 
-        self.inputs[label] = RtMidiInput(f"{self.name} {label}", virtual=True, api="jack",
-                                         client_name=self.name, on_message=keep)
+        self.inputs[label] = open_input(f"{self.name} {label}", virtual=True, backend=self.backend, api="jack",
+                                        client_name=self.name, on_message=keep)
         return wait_ports([f"{self.name} {label}"])[f"{self.name} {label}"]
 
     def out_port(self) -> str:
@@ -488,12 +497,15 @@ class Result:
     hop_ms: list[float] = field(default_factory=list)
     floor_lost: int = 0  # notes the bare loop lost
     stuck_reported_off: int = 0  # stuck notes whose note-off coplayer reported sending (OSC)
+    backend: str = ""  # "jack" (coplayer's JACK client) or "rtmidi"
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
         return {"e2e_p50_ms": round(e["p50"], 3), "e2e_p99_ms": round(e["p99"], 3), "e2e_max_ms": round(e["max"], 3),
                 "floor_p50_ms": round(f["p50"], 3), "floor_p99_ms": round(f["p99"], 3), "notes": self.notes,
-                "lost": self.lost, "stuck": self.stuck, "max_notes_per_s": self.max_notes_per_s}
+                "lost": self.lost, "stuck": self.stuck, "max_notes_per_s": self.max_notes_per_s,
+                "jitter_ms": round(e["p99"] - e["p50"], 3), "floor_jitter_ms": round(f["p99"] - f["p50"], 3),
+                "backend": self.backend}
 
     def report(self) -> list[str]:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -539,22 +551,28 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 
-def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Result:
-    """Run the whole benchmark against a fresh coplayer process."""
+def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend: str = "auto") -> Result:
+    """Run the whole benchmark against a fresh coplayer process; every
+    process (coplayer, the pass-through, the bench) opens its ports with
+    ``backend`` (see :mod:`coplayer.io.real`)."""
     if not jack_available():
         raise BenchError("no JACK server runs: start one, e.g. `jackd --no-realtime -d dummy -r 48000 -p 64`")
     say = progress or (lambda _msg: None)
     rng = random.Random(seed)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # the readers timestamp promptly while the sender works
-    cp = CoplayerProcess(settings={"latency.stats_interval_s": 0.2})
-    thru = ThruProcess()
+    from coplayer.io.real import choose
+
+    backend = choose(backend, "jack")
+    say(f"ports: {'coplayer' + chr(39) + 's JACK client' if backend == 'jack' else 'python-rtmidi (JACK)'}")
+    cp = CoplayerProcess(backend=backend, settings={"latency.stats_interval_s": 0.2})
+    thru = ThruProcess(backend=backend)
     stats = StatsListener(cp.osc_out)
     peer = None
     try:
         cp.start()
         thru.start()
-        peer = Peer()
+        peer = Peer(backend=backend)
         peer.attach(cp, thru, merge=True)  # 4 JACK clients, not 9: each python-rtmidi port is one
         time.sleep(0.3)
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
@@ -575,7 +593,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None) -> Resul
                 break
             best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
-                      list(hop.values()), sum(1 for i in hop if i not in floor), reported)
+                      list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend)
     finally:
         if peer is not None:
             peer.close()
@@ -621,11 +639,12 @@ def histogram_png(result: Result, path: str | os.PathLike, width: int = 640, hei
     write_png(path, img)
 
 
-def main(notes: int = 2000, as_json: bool = False, png: str | None = None, stream=None) -> int:
+def main(notes: int = 2000, as_json: bool = False, png: str | None = None, stream=None,
+         backend: str = "auto") -> int:
     """``coplayer bench``."""
     stream = stream if stream is not None else sys.stdout
     say = None if as_json else (lambda msg: print(msg, file=stream, flush=True))
-    result = bench(notes, progress=say)
+    result = bench(notes, progress=say, backend=backend)
     if png:
         Path(png).parent.mkdir(parents=True, exist_ok=True)
         histogram_png(result, png)

@@ -125,18 +125,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from coplayer.bench import main as bench
 
-    return bench(notes=args.notes, as_json=args.json, png=args.png)
+    return bench(notes=args.notes, as_json=args.json, png=args.png, backend=args.backend)
 
 
 def _cmd_ports(args: argparse.Namespace) -> int:
-    from coplayer.io.rtmidi_backend import compiled_apis, list_ports, resolve_api
+    from coplayer.io import jack_backend
+    from coplayer.io.real import choose, list_ports
+    from coplayer.io.rtmidi_backend import compiled_apis, resolve_api
 
     midi = _load_config(args).midi
-    print(f"MIDI APIs compiled in: {', '.join(compiled_apis()) or 'none'}")
+    print(f"MIDI APIs compiled in: {', '.join(compiled_apis()) or 'none'}; "
+          f"coplayer's JACK client: {'built' if jack_backend.available() else 'not built'}")
     api = resolve_api(args.api or midi.api)
-    ports = list_ports(api, client_name=midi.client_name)
+    backend = "rtmidi" if midi.backend == "memory" else choose(midi.backend, api)
+    ports = list_ports(backend, api, client_name=midi.client_name)
+    via = "coplayer's JACK client" if backend == "jack" else f"python-rtmidi, {api}"
     for key, what in (("inputs", "coplayer can listen to"), ("outputs", "coplayer can play to")):
-        print(f"{api} {key} ({what}):")
+        print(f"{key} ({what}, through {via}):")
         print("\n".join(f"  {name}" for name in ports[key]) or "  (none)")
     return 0
 
@@ -252,6 +257,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--notes", type=int, default=2000, help="notes played at realistic densities (default 2000)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--png", metavar="PATH", help="write a histogram of both latency distributions")
+    p.add_argument("--backend", choices=["auto", "jack", "rtmidi"], default="auto",
+                   help="the ports of every process: coplayer's JACK client or python-rtmidi (default: auto)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:

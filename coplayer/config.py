@@ -102,7 +102,7 @@ DEFAULT_PARTS = (
 
 @dataclass(frozen=True)
 class Midi:
-    backend: str = _opt("rtmidi", choices=("rtmidi", "memory"))
+    backend: str = _opt("auto", choices=("auto", "jack", "rtmidi", "memory"))
     api: str = _opt("auto", choices=("alsa", "jack", "coremidi", "winmm", "auto"))
     input: str | None = None
     virtual_input_name: str = "coplayer in"

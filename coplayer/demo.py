@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coplayer.data.midi import read_midi
-from coplayer.engine.live import Feeder, Live, MemoryPorts, RtMidiPorts, build_live, file_messages, wait_for_end
+from coplayer.engine.live import Feeder, Live, MemoryPorts, RealPorts, build_live, file_messages, wait_for_end
 from coplayer.engine.view import responses_text, summary_line
 from coplayer.errors import ConfigError
 from coplayer.io.clock import InternalClock
@@ -77,9 +77,9 @@ def _demo_config(cfg: "Config", bpm: float) -> "Config":
 
 def _build(cfg: "Config", clock: InternalClock, model: str | None, virtual: bool) -> tuple[Live, str]:
     """The engine on virtual ports where they exist, else on memory ports."""
-    if virtual and cfg.midi.backend == "rtmidi":
+    if virtual and cfg.midi.backend != "memory":
         try:
-            live = build_live(cfg, RtMidiPorts(cfg.midi.api, cfg.midi.client_name),
+            live = build_live(cfg, RealPorts(cfg.midi.backend, cfg.midi.api, cfg.midi.client_name),
                               input_maker=MemoryPorts(), clock=clock, model=model)
             return live, "virtual MIDI ports"
         except (PortError, ImportError) as exc:

@@ -276,28 +276,43 @@ def _wait_for(got: list, count: int, timeout: float = 3.0) -> list:
     return got
 
 
-@pytest.fixture
-def jack_pair(jack_server):
-    """A virtual output connected to a virtual input, both over JACK."""
+def _backend(name: str):
+    """(Input, Output) classes of a real-port backend over JACK."""
+    if name == "jack":
+        from coplayer.io import jack_backend
+
+        if not jack_backend.available():
+            if os.environ.get("CI"):
+                pytest.fail("coplayer's JACK client is not built (a C compiler at install time)")
+            pytest.skip("coplayer's JACK client is not built (no C compiler at install time)")
+        return jack_backend.JackInput, jack_backend.JackOutput
     from coplayer.io.rtmidi_backend import RtMidiInput, RtMidiOutput
 
+    return RtMidiInput, RtMidiOutput
+
+
+@pytest.fixture(params=["rtmidi", "jack"])
+def jack_pair(jack_server, request):
+    """A virtual output connected to a virtual input, both over JACK, through
+    python-rtmidi or coplayer's own JACK client."""
+    Input, Output = _backend(request.param)
     got: list = []
     a, b = _client_name("a"), _client_name("b")
-    out = RtMidiOutput("notes", virtual=True, api="jack", client_name=a)
-    inp = RtMidiInput("listen", virtual=True, api="jack", client_name=b,
-                      on_message=lambda data, t: got.append((data, t)))
+    out = Output("notes", virtual=True, api="jack", client_name=a)
+    inp = Input("listen", virtual=True, api="jack", client_name=b,
+                on_message=lambda data, t: got.append((data, t)))
     subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
     time.sleep(0.05)
-    yield out, inp, got, (a, b)
+    yield out, inp, got, (a, b), (Input, Output)
     out.close()
     inp.close()
 
 
 def test_list_ports_sees_the_virtual_ports(jack_pair):
-    from coplayer.io.rtmidi_backend import list_ports
+    from coplayer.io.real import list_ports
 
-    _, _, _, (a, b) = jack_pair
-    ports = list_ports("jack")
+    out, _, _, (a, b), _ = jack_pair
+    ports = list_ports("jack" if out.__module__.endswith("jack_backend") else "rtmidi", "jack")
     assert f"{a}:notes" in ports["inputs"]  # coplayer could listen to our output
     assert f"{b}:listen" in ports["outputs"]  # and play to our input
 
@@ -305,7 +320,7 @@ def test_list_ports_sees_the_virtual_ports(jack_pair):
 def test_notes_cross_jack_in_order_with_monotonic_timestamps(jack_pair):
     from coplayer.io.ports import now_ns
 
-    out, _, got, _ = jack_pair
+    out, _, got, _, _ = jack_pair
     sent_at = []
     for pitch in range(60, 72):
         sent_at.append(now_ns())
@@ -320,13 +335,22 @@ def test_notes_cross_jack_in_order_with_monotonic_timestamps(jack_pair):
     assert all(0 < h < 50 for h in hops_ms), hops_ms
 
 
-def test_the_callback_reader_delivers_too(jack_pair):
-    from coplayer.io.rtmidi_backend import RtMidiInput
+def test_a_burst_of_3000_messages_arrives_whole_and_in_order(jack_pair):
+    out, _, got, _, _ = jack_pair
+    sent = [(0x90 | (i % 16), i % 128, 1 + i % 127) for i in range(3000)]
+    for msg in sent:
+        out.send(msg)
+    assert [d for d, _ in _wait_for(got, 3000, timeout=10.0)] == sent
 
-    out, _, _, (a, _) = jack_pair
+
+def test_the_callback_reader_delivers_too(jack_server):
+    from coplayer.io.rtmidi_backend import RtMidiInput, RtMidiOutput
+
+    a = _client_name("cbo")
     got = []
-    with RtMidiInput(f"{a}:notes", api="jack", client_name=_client_name("cb"), poll_interval_s=None,
-                     on_message=lambda data, t: got.append(data)) as listener:
+    with RtMidiOutput("notes", virtual=True, api="jack", client_name=a) as out, \
+            RtMidiInput(f"{a}:notes", api="jack", client_name=_client_name("cb"), poll_interval_s=None,
+                        on_message=lambda data, t: got.append(data)) as listener:
         assert listener.poll_interval_s is None
         time.sleep(0.05)
         for pitch in (60, 64, 67):
@@ -335,7 +359,7 @@ def test_the_callback_reader_delivers_too(jack_pair):
 
 
 def test_clock_and_sysex_pass_and_active_sensing_is_filtered(jack_pair):
-    out, _, got, _ = jack_pair
+    out, _, got, _, _ = jack_pair
     for data in ([0xFE], [0xFA], [0xF8], [0xF0, 0x7D, 1, 2, 0xF7], [0xFC]):
         out.send(data)
     _wait_for(got, 4)
@@ -344,7 +368,7 @@ def test_clock_and_sysex_pass_and_active_sensing_is_filtered(jack_pair):
 
 
 def test_close_releases_sounding_notes_through_jack(jack_pair):
-    out, _, got, _ = jack_pair
+    out, _, got, _, _ = jack_pair
     out.send([0x92, 64, 90])
     out.send([0x92, 64, 90])
     out.send([0xB2, 64, 127])
@@ -356,12 +380,10 @@ def test_close_releases_sounding_notes_through_jack(jack_pair):
 
 
 def test_a_named_existing_port_opens_by_unique_substring(jack_pair):
-    from coplayer.io.rtmidi_backend import RtMidiInput
-
-    out, _, _, (a, _) = jack_pair
+    out, _, _, (a, _), (Input, _) = jack_pair
     got = []
-    with RtMidiInput(f"{a}:NOT", api="jack", client_name=_client_name("c"),
-                     on_message=lambda data, t: got.append(data)) as listener:
+    with Input(f"{a}:NOT", api="jack", client_name=_client_name("c"),
+               on_message=lambda data, t: got.append(data)) as listener:
         assert listener.name == f"{a}:notes"
         time.sleep(0.05)
         out.send([0x90, 60, 100])
@@ -369,25 +391,21 @@ def test_a_named_existing_port_opens_by_unique_substring(jack_pair):
 
 
 def test_a_missing_port_lists_the_available_ones(jack_pair):
-    from coplayer.io.rtmidi_backend import RtMidiInput, RtMidiOutput
-
-    _, _, _, (a, b) = jack_pair
+    _, _, _, (a, b), (Input, Output) = jack_pair
     with pytest.raises(PortNotFoundError, match=rf"no MIDI input port 'Launchkey'; available ports: .*'{a}:notes'"):
-        RtMidiInput("Launchkey", api="jack", client_name=_client_name("d"))
+        Input("Launchkey", api="jack", client_name=_client_name("d"))
     with pytest.raises(PortNotFoundError, match=f"'{b}:listen'"):
-        RtMidiOutput("Launchkey", api="jack", client_name=_client_name("e"))
-    with RtMidiOutput("more notes", virtual=True, api="jack", client_name=_client_name("f")):
+        Output("Launchkey", api="jack", client_name=_client_name("e"))
+    with Output("more notes", virtual=True, api="jack", client_name=_client_name("f")):
         with pytest.raises(PortNotFoundError, match="matches 2 ports; give more of the name"):
-            RtMidiInput(f"cpt{os.getpid()}", api="jack", client_name=_client_name("g"))
+            Input(f"cpt{os.getpid()}", api="jack", client_name=_client_name("g"))
 
 
 def test_an_open_input_is_not_collected_when_its_owner_drops_it(jack_pair):
-    from coplayer.io.rtmidi_backend import RtMidiInput
-
-    out, _, _, (a, _) = jack_pair
+    out, _, _, (a, _), (Input, _) = jack_pair
     got = []
-    ref = weakref.ref(RtMidiInput(f"{a}:notes", api="jack", client_name=_client_name("h"),
-                                  on_message=lambda data, t: got.append(data)))
+    ref = weakref.ref(Input(f"{a}:notes", api="jack", client_name=_client_name("h"),
+                            on_message=lambda data, t: got.append(data)))
     gc.collect()
     assert ref() is not None
     time.sleep(0.05)
@@ -398,20 +416,37 @@ def test_an_open_input_is_not_collected_when_its_owner_drops_it(jack_pair):
     assert ref() is None
 
 
-def test_a_burst_of_2000_messages_loses_nothing(jack_pair):
-    out, _, got, _ = jack_pair
-    for i in range(1000):
-        out.send([0x90 | i % 16, i % 128, 1 + i % 127])
-        out.send([0x80 | i % 16, i % 128, 0])
-    _wait_for(got, 2000, timeout=10)
-    assert len(got) == 2000
-    assert out.sounding() == {}
+# --- coplayer's JACK client ---------------------------------------------------
 
 
-def test_ports_command_lists_jack_ports(jack_pair):
-    _, _, _, (a, b) = jack_pair
-    run = subprocess.run([sys.executable, "-m", "coplayer", "ports", "--api", "jack"],
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert run.returncode == 0, run.stderr
-    assert "MIDI APIs compiled in:" in run.stdout and "jack" in run.stdout
-    assert f"  {a}:notes" in run.stdout and f"  {b}:listen" in run.stdout
+def test_one_jack_client_holds_every_port_of_a_name(jack_server):
+    Input, Output = _backend("jack")
+    name = _client_name("one")
+    ports = [Output(f"part {i}", virtual=True, client_name=name) for i in range(4)]
+    ports.append(Input("in", virtual=True, client_name=name))
+    clients = {p.split(":", 1)[0] for p in subprocess.run(["jack_lsp"], capture_output=True, text=True,
+                                                          timeout=10).stdout.split() if name in p}
+    assert clients == {name}
+    for port in ports:
+        port.close()
+    time.sleep(0.1)
+    left = subprocess.run(["jack_lsp"], capture_output=True, text=True, timeout=10).stdout
+    assert name not in left  # the client went with its last port
+
+
+def test_a_jack_port_name_taken_is_one_clear_error(jack_server):
+    _, Output = _backend("jack")
+    name = _client_name("dup")
+    with Output("same", virtual=True, client_name=name):
+        with pytest.raises(PortError, match="already has a port 'same'"):
+            Output("same", virtual=True, client_name=name)
+
+
+def test_backend_choice():
+    from coplayer.io.real import choose
+
+    assert choose("rtmidi", "jack") == "rtmidi"
+    with pytest.raises(PortError, match="unknown MIDI backend 'alsa'"):
+        choose("alsa")
+    with pytest.raises(PortError, match="JACK ports only, not alsa"):
+        choose("jack", "alsa")

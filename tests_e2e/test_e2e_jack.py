@@ -249,14 +249,17 @@ def test_bare_loop_passes_everything_through():
     assert thru.proc.returncode == 0
 
 
-def test_bench_measures_both_loops():
-    """``coplayer bench`` end to end, shortened: both distributions, every figure."""
+@pytest.mark.parametrize("backend", ["jack", "rtmidi"])
+def test_bench_measures_both_loops(backend):
+    """``coplayer bench`` end to end, shortened: both distributions, every figure,
+    with coplayer's JACK client and with python-rtmidi's ports."""
     from coplayer.bench import bench
 
-    result = bench(notes=120, rates=(50,))
+    result = bench(notes=120, rates=(50,), backend=backend)
     figures = result.figures()
     assert set(figures) == {"e2e_p50_ms", "e2e_p99_ms", "e2e_max_ms", "floor_p50_ms", "floor_p99_ms", "notes",
-                            "lost", "stuck", "max_notes_per_s"}
+                            "lost", "stuck", "max_notes_per_s", "jitter_ms", "floor_jitter_ms", "backend"}
+    assert figures["backend"] == backend
     n = figures["notes"]  # the sections round 120 down to whole chords
     assert 100 <= n <= 120 and len(result.e2e_ms) + result.lost + result.jack_lost == n
     assert len(result.floor_ms) + result.floor_lost + result.jack_lost == n

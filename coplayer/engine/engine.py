@@ -35,7 +35,6 @@ channel they used).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections import Counter, deque
@@ -51,7 +50,7 @@ from coplayer.engine.router import (BEND, CONTROL, NOTE_OFF, NOTE_ON, POLY_PRESS
 from coplayer.engine.session import SessionRecorder, session_path
 from coplayer.engine.stats import LatencyStats
 from coplayer.io.clock import InternalClock, make_clock
-from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns
+from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority
 
 if TYPE_CHECKING:  # pragma: no cover
     from coplayer.config import Config
@@ -248,16 +247,6 @@ def _unwedge(instrumenter: "Instrumenter") -> None:
 # --- the engine -------------------------------------------------------------------
 
 
-def _raise_priority() -> None:
-    """Best effort, as JACK clients do: real-time scheduling for the calling
-    thread (the worker), so other programs' work does not delay a note.
-    Without the privilege (no CAP_SYS_NICE, rtprio limit 0) nothing changes."""
-    try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(WORKER_RT_PRIORITY))
-    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
-        log.debug("the engine's worker runs without real-time priority (%s)", exc)
-
-
 class _Call:
     __slots__ = ("fn", "args")
 
@@ -410,7 +399,7 @@ class Engine:
         self._queue.put((data, t_ns))
 
     def _run(self) -> None:
-        _raise_priority()
+        raise_priority(WORKER_RT_PRIORITY, "the engine's worker")
         self.decider.warm_up()  # here: timed at the worker's priority
         get = self._queue.get
         while True:

@@ -1,6 +1,6 @@
 """Building a running engine from the configuration, and ``coplayer run``.
 
-* :class:`MemoryPorts` / :class:`RtMidiPorts` open ports by name (the
+* :class:`MemoryPorts` / :class:`RealPorts` open ports by name (the
   ``midi.backend``); :func:`open_outputs` opens one port per part (or one
   port, parts told apart by channel), the pass-through and drums ports;
 * :func:`build_live` wires ports, clock, instrumenter and its fallback,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from coplayer.io.clock import Clock
     from coplayer.io.osc import OscServer
 
-__all__ = ["Feeder", "Live", "MemoryPorts", "RtMidiPorts", "build_live", "open_outputs", "ports_for", "run"]
+__all__ = ["Feeder", "Live", "MemoryPorts", "RealPorts", "build_live", "open_outputs", "ports_for", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +65,27 @@ class MemoryPorts:
         return self.hub.open_input(name)
 
 
-class RtMidiPorts:
-    """Real ports through python-rtmidi with the configured API."""
+class RealPorts:
+    """Real ports: coplayer's JACK client or python-rtmidi (see :mod:`coplayer.io.real`)."""
 
-    def __init__(self, api: str = "auto", client_name: str = "coplayer") -> None:
-        self.api, self.client_name = api, client_name
+    def __init__(self, backend: str = "auto", api: str = "auto", client_name: str = "coplayer") -> None:
+        self.backend, self.api, self.client_name = backend, api, client_name
 
     def output(self, name: str, virtual: bool) -> BaseOutput:
-        from coplayer.io.rtmidi_backend import RtMidiOutput
+        from coplayer.io.real import open_output
 
-        return RtMidiOutput(name, virtual=virtual, api=self.api, client_name=self.client_name)
+        return open_output(name, virtual=virtual, backend=self.backend, api=self.api, client_name=self.client_name)
 
     def input(self, name: str, virtual: bool) -> BaseInput:
-        from coplayer.io.rtmidi_backend import RtMidiInput
+        from coplayer.io.real import open_input
 
-        return RtMidiInput(name, virtual=virtual, api=self.api, client_name=self.client_name)
+        return open_input(name, virtual=virtual, backend=self.backend, api=self.api, client_name=self.client_name)
 
 
-def ports_for(cfg: "Config") -> MemoryPorts | RtMidiPorts:
+def ports_for(cfg: "Config") -> MemoryPorts | RealPorts:
     if cfg.midi.backend == "memory":
         return MemoryPorts()
-    return RtMidiPorts(cfg.midi.api, cfg.midi.client_name)
+    return RealPorts(cfg.midi.backend, cfg.midi.api, cfg.midi.client_name)
 
 
 def open_outputs(cfg: "Config", maker) -> Outputs:

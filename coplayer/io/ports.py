@@ -20,7 +20,9 @@ counted in ``dropped``.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,10 +36,13 @@ __all__ = [
     "Message",
     "PortError",
     "PortNotFoundError",
+    "OpenPorts",
     "as_message",
+    "find_port",
     "is_valid",
     "not_found",
     "now_ns",
+    "raise_priority",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,20 @@ Message = tuple[int, ...]
 now_ns: Callable[[], int] = time.perf_counter_ns
 """The clock of every timestamp in coplayer: monotonic, high resolution on
 every platform (``time.monotonic`` ticks at ~15 ms on Windows before 3.13)."""
+
+def raise_priority(priority: int, what: str) -> bool:
+    """Best effort, as JACK clients do: real-time scheduling (SCHED_FIFO at
+    ``priority``, below JACK's own, usually 70+) for the calling thread, so
+    other programs' work does not delay a note.  Without the privilege (no
+    CAP_SYS_NICE, rtprio limit 0) or off Linux nothing changes; returns
+    whether it did."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(priority))
+    except (AttributeError, OSError) as exc:
+        log.debug("%s runs without real-time priority (%s)", what, exc)
+        return False
+    return True
+
 
 # Length of each message by status (channel messages by their high nibble).
 _CHANNEL_LENGTH = {0x80: 3, 0x90: 3, 0xA0: 3, 0xB0: 3, 0xC0: 2, 0xD0: 2, 0xE0: 3}
@@ -72,6 +91,47 @@ def not_found(kind: str, wanted: str, available: Iterable[str], matches: int = 0
     else:
         head = f"no MIDI {kind} port {wanted!r}"
     return PortNotFoundError(f"{head}; available ports: {listing}")
+
+
+def find_port(names: Sequence[str], wanted: str, kind: str) -> int:
+    """Index in ``names`` of the port called ``wanted`` (its full name, or
+    its name after ``client:``), else of the only one containing it
+    (ignoring case); :class:`PortNotFoundError` otherwise."""
+    for i, n in enumerate(names):
+        if wanted in (n, n.split(":", 1)[-1]):
+            return i
+    hits = [i for i, n in enumerate(names) if wanted.casefold() in n.casefold()]
+    if len(hits) == 1:
+        return hits[0]
+    raise not_found(kind, wanted, names, len(hits))
+
+
+class OpenPorts:
+    """A backend's ports still open: closed at interpreter exit (outputs
+    first, releasing their notes) if their owner did not close them."""
+
+    def __init__(self) -> None:
+        self._ports: set[BasePort] = set()
+        self._lock = threading.Lock()
+        self._atexit = False
+
+    def add(self, port: "BasePort") -> None:
+        with self._lock:
+            self._ports.add(port)
+            if not self._atexit:
+                atexit.register(self.close_all)
+                self._atexit = True
+
+    def discard(self, port: "BasePort") -> None:
+        with self._lock:
+            self._ports.discard(port)
+
+    def close_all(self) -> None:
+        """Close every port still open, outputs first."""
+        with self._lock:
+            ports = sorted(self._ports, key=lambda p: isinstance(p, BaseInput))
+        for port in ports:
+            port.close()
 
 
 def is_valid(data: Sequence[int]) -> bool:

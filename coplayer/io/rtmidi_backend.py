@@ -22,7 +22,6 @@ A thin backend: :class:`RtMidiInput` and :class:`RtMidiOutput` override only
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 import threading
@@ -30,7 +29,7 @@ import time
 
 import rtmidi
 
-from coplayer.io.ports import BaseInput, BaseOutput, BasePort, Message, PortError, not_found, now_ns
+from coplayer.io.ports import BaseInput, BaseOutput, Message, OpenPorts, PortError, find_port, now_ns
 
 __all__ = ["APIS", "RtMidiInput", "RtMidiOutput", "compiled_apis", "list_ports", "resolve_api"]
 
@@ -54,9 +53,8 @@ LOOPMIDI_HINT = (
     "and give its name instead"
 )
 
-_live: set[BasePort] = set()  # open ports: kept alive until closed
-_live_lock = threading.Lock()
-_atexit_registered = False
+_open = OpenPorts()
+close_all = _open.close_all
 
 
 def compiled_apis() -> list[str]:
@@ -125,33 +123,6 @@ def list_ports(api: str = "auto", client_name: str = "coplayer") -> dict[str, li
     return found
 
 
-def _find(names: list[str], wanted: str, kind: str) -> int:
-    """Index of the port called ``wanted``, or of the only one containing it."""
-    if wanted in names:
-        return names.index(wanted)
-    hits = [i for i, n in enumerate(names) if wanted.casefold() in n.casefold()]
-    if len(hits) == 1:
-        return hits[0]
-    raise not_found(kind, wanted, names, len(hits))
-
-
-def _keep_alive(port: BasePort) -> None:
-    global _atexit_registered
-    with _live_lock:
-        _live.add(port)
-        if not _atexit_registered:
-            atexit.register(close_all)
-            _atexit_registered = True
-
-
-def close_all() -> None:
-    """Close every port still open (outputs first, releasing their notes)."""
-    with _live_lock:
-        ports = sorted(_live, key=lambda p: isinstance(p, BaseInput))
-    for port in ports:
-        port.close()
-
-
 class _RtMidiPort:
     """What inputs and outputs share: client creation, port choice, closing."""
 
@@ -169,7 +140,7 @@ class _RtMidiPort:
                 rt.open_virtual_port(self.name)
             else:
                 names = rt.get_ports()
-                index = _find(names, self.name, kind)
+                index = find_port(names, self.name, kind)
                 self.name = names[index]
                 rt.open_port(index, own_name or kind)
         except rtmidi.RtMidiError as exc:
@@ -179,13 +150,12 @@ class _RtMidiPort:
             rt.delete()
             raise
         self._rt = rt
-        _keep_alive(self)
+        _open.add(self)
         return rt
 
     def _close_rt(self) -> None:
         rt, self._rt = self._rt, None
-        with _live_lock:
-            _live.discard(self)
+        _open.discard(self)
         if rt is not None:
             rt.close_port()
             rt.delete()  # a virtual port only disappears with its client

@@ -1,0 +1,431 @@
+/* coplayer's JACK MIDI client: one JACK client with many MIDI ports, driven
+ * from Python through ctypes (see coplayer/io/jack_backend.py).
+ *
+ * Why not python-rtmidi's JACK API: it opens one JACK client per port, and
+ * its inputs either call Python from JACK's real-time thread (waiting for
+ * the GIL there stalls the whole graph) or must be polled.  Here:
+ *
+ *   - one client per process: fewer clients in the graph, fewer xruns;
+ *   - outputs: Python writes each message into the port's lock-free ring
+ *     buffer and returns; the process callback moves it into the port's
+ *     MIDI buffer in the next cycle;
+ *   - inputs: the process callback copies every event of every input into
+ *     one ring buffer, stamped with the cycle's start (CLOCK_MONOTONIC), and
+ *     posts a semaphore; a Python reader thread blocked in cp_wait() (the GIL
+ *     released) wakes at once.  No polling, no Python in JACK's thread.
+ *
+ * libjack is opened with dlopen() at run time, so building this file needs
+ * neither JACK's headers nor its library: the few declarations used are
+ * below, from JACK's public API (jack/jack.h, jack/midiport.h,
+ * jack/ringbuffer.h).  The process callback only touches ring buffers,
+ * port buffers and the semaphore: no allocation, no locks, no system calls
+ * but sem_post and clock_gettime.
+ */
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <semaphore.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* --- the JACK API, declared (ABI-stable since JACK 0.1xx) --------------- */
+
+typedef uint32_t jack_nframes_t;
+typedef struct _jack_client jack_client_t;
+typedef struct _jack_port jack_port_t;
+typedef unsigned char jack_midi_data_t;
+typedef struct {
+    jack_nframes_t time;
+    size_t size;
+    jack_midi_data_t *buffer;
+} jack_midi_event_t;
+typedef struct {
+    char *buf;
+    volatile size_t write_ptr;
+    volatile size_t read_ptr;
+    size_t size;
+    size_t size_mask;
+    int mlocked;
+} jack_ringbuffer_t;
+
+enum { JackNoStartServer = 0x01 };
+enum { JackPortIsInput = 0x1, JackPortIsOutput = 0x2 };
+#define MIDI_TYPE "8 bit raw midi"
+
+static struct {
+    jack_client_t *(*client_open)(const char *, int, int *, ...);
+    int (*client_close)(jack_client_t *);
+    int (*activate)(jack_client_t *);
+    int (*deactivate)(jack_client_t *);
+    int (*set_process_callback)(jack_client_t *, int (*)(jack_nframes_t, void *), void *);
+    void (*on_shutdown)(jack_client_t *, void (*)(void *), void *);
+    char *(*get_client_name)(jack_client_t *);
+    jack_port_t *(*port_register)(jack_client_t *, const char *, const char *, unsigned long, unsigned long);
+    int (*port_unregister)(jack_client_t *, jack_port_t *);
+    const char *(*port_name)(const jack_port_t *);
+    void *(*port_get_buffer)(jack_port_t *, jack_nframes_t);
+    const char **(*get_ports)(jack_client_t *, const char *, const char *, unsigned long);
+    int (*connect)(jack_client_t *, const char *, const char *);
+    void (*free)(void *);
+    uint32_t (*midi_get_event_count)(void *);
+    int (*midi_event_get)(jack_midi_event_t *, void *, uint32_t);
+    void (*midi_clear_buffer)(void *);
+    int (*midi_event_write)(void *, jack_nframes_t, const jack_midi_data_t *, size_t);
+    size_t (*midi_max_event_size)(void *);
+    jack_ringbuffer_t *(*rb_create)(size_t);
+    void (*rb_free)(jack_ringbuffer_t *);
+    size_t (*rb_read)(jack_ringbuffer_t *, char *, size_t);
+    size_t (*rb_peek)(jack_ringbuffer_t *, char *, size_t);
+    void (*rb_read_advance)(jack_ringbuffer_t *, size_t);
+    size_t (*rb_read_space)(const jack_ringbuffer_t *);
+    size_t (*rb_write)(jack_ringbuffer_t *, const char *, size_t);
+    size_t (*rb_write_space)(const jack_ringbuffer_t *);
+    int (*rb_mlock)(jack_ringbuffer_t *);
+} J;
+
+static void *libjack;
+
+static int load(char *err, int errlen) {
+    if (libjack) return 0;
+    const char *names[] = {"libjack.so.0", "libjack.so", "libjack.0.dylib", "/usr/local/lib/libjack.0.dylib",
+                           "/opt/homebrew/lib/libjack.0.dylib", NULL};
+    void *h = NULL;
+    for (int i = 0; names[i] && !h; i++) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        snprintf(err, errlen, "libjack not found (%s); install JACK (e.g. apt install jackd2)", dlerror());
+        return -1;
+    }
+#define SYM(field, name)                                                   \
+    do {                                                                   \
+        *(void **)(&J.field) = dlsym(h, name);                             \
+        if (!J.field) {                                                    \
+            snprintf(err, errlen, "libjack has no %s: too old a JACK", name); \
+            dlclose(h);                                                    \
+            return -1;                                                     \
+        }                                                                  \
+    } while (0)
+    SYM(client_open, "jack_client_open");
+    SYM(client_close, "jack_client_close");
+    SYM(activate, "jack_activate");
+    SYM(deactivate, "jack_deactivate");
+    SYM(set_process_callback, "jack_set_process_callback");
+    SYM(on_shutdown, "jack_on_shutdown");
+    SYM(get_client_name, "jack_get_client_name");
+    SYM(port_register, "jack_port_register");
+    SYM(port_unregister, "jack_port_unregister");
+    SYM(port_name, "jack_port_name");
+    SYM(port_get_buffer, "jack_port_get_buffer");
+    SYM(get_ports, "jack_get_ports");
+    SYM(connect, "jack_connect");
+    SYM(free, "jack_free");
+    SYM(midi_get_event_count, "jack_midi_get_event_count");
+    SYM(midi_event_get, "jack_midi_event_get");
+    SYM(midi_clear_buffer, "jack_midi_clear_buffer");
+    SYM(midi_event_write, "jack_midi_event_write");
+    SYM(midi_max_event_size, "jack_midi_max_event_size");
+    SYM(rb_create, "jack_ringbuffer_create");
+    SYM(rb_free, "jack_ringbuffer_free");
+    SYM(rb_read, "jack_ringbuffer_read");
+    SYM(rb_peek, "jack_ringbuffer_peek");
+    SYM(rb_read_advance, "jack_ringbuffer_read_advance");
+    SYM(rb_read_space, "jack_ringbuffer_read_space");
+    SYM(rb_write, "jack_ringbuffer_write");
+    SYM(rb_write_space, "jack_ringbuffer_write_space");
+    SYM(rb_mlock, "jack_ringbuffer_mlock");
+#undef SYM
+    libjack = h;
+    return 0;
+}
+
+/* --- the client ---------------------------------------------------------- */
+
+#define MAX_PORTS 64
+#define MAX_MESSAGE 4096     /* longest message (SysEx) a port carries */
+#define OUT_RING (1 << 16)   /* bytes of messages waiting per output */
+#define IN_RING (1 << 18)    /* bytes of messages waiting for the reader */
+
+/* A port's life: LIVE; CLOSING (its output buffer is still cleared each
+ * cycle, so JACK re-sends nothing, but nothing new is written or read);
+ * DEAD (the callback no longer touches it: it may be unregistered); FREE. */
+enum { FREE = 0, LIVE = 1, CLOSING = 2, DEAD = 3 };
+
+typedef struct {
+    jack_port_t *port;
+    jack_ringbuffer_t *ring; /* outputs: [uint16 length][bytes]... */
+    int is_input;
+    volatile int state;
+} cp_port;
+
+/* The input ring holds records: header, then `length` bytes. */
+typedef struct {
+    int64_t t_ns;
+    uint16_t length;
+    uint8_t port;
+} in_header;
+
+typedef struct {
+    jack_client_t *client;
+    cp_port ports[MAX_PORTS];
+    jack_ringbuffer_t *in_ring;
+    sem_t ready;
+    volatile uint64_t cycles;
+    volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
+    volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
+    volatile int shutdown;
+} cp_client;
+
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int64_t cp_now_ns(void) { return mono_ns(); }
+
+static int process(jack_nframes_t nframes, void *arg) {
+    cp_client *c = arg;
+    int64_t t = mono_ns();
+    int got = 0;
+    for (int i = 0; i < MAX_PORTS; i++) {
+        cp_port *p = &c->ports[i];
+        int state = p->state;
+        if (state != LIVE && state != CLOSING) continue;
+        __sync_synchronize();
+        void *buf = J.port_get_buffer(p->port, nframes);
+        if (!buf) continue;
+        if (p->is_input) {
+            if (state != LIVE) continue;
+            uint32_t n = J.midi_get_event_count(buf);
+            for (uint32_t k = 0; k < n; k++) {
+                jack_midi_event_t ev;
+                if (J.midi_event_get(&ev, buf, k) != 0 || ev.size == 0 || ev.size > MAX_MESSAGE) continue;
+                in_header h = {t, (uint16_t)ev.size, (uint8_t)i};
+                if (J.rb_write_space(c->in_ring) < sizeof h + ev.size) {
+                    c->lost_in++;
+                    continue;
+                }
+                J.rb_write(c->in_ring, (const char *)&h, sizeof h);
+                J.rb_write(c->in_ring, (const char *)ev.buffer, ev.size);
+                got = 1;
+            }
+        } else {
+            J.midi_clear_buffer(buf);
+            if (state != LIVE) continue;
+            size_t room = J.midi_max_event_size(buf);
+            unsigned char msg[MAX_MESSAGE];
+            uint16_t len;
+            while (J.rb_read_space(p->ring) >= sizeof len) {
+                J.rb_peek(p->ring, (char *)&len, sizeof len);
+                if (J.rb_read_space(p->ring) < sizeof len + len) break; /* not all written yet */
+                if (len > room) {
+                    c->late_out++;
+                    break;
+                }
+                J.rb_read_advance(p->ring, sizeof len);
+                J.rb_read(p->ring, (char *)msg, len);
+                if (J.midi_event_write(buf, 0, msg, len) != 0) {
+                    c->late_out++; /* cannot happen after the size check; counted if it does */
+                    break;
+                }
+                room = J.midi_max_event_size(buf);
+            }
+        }
+    }
+    __sync_fetch_and_add(&c->cycles, 1);
+    if (got) sem_post(&c->ready);
+    return 0;
+}
+
+static void on_shutdown(void *arg) {
+    cp_client *c = arg;
+    c->shutdown = 1;
+    sem_post(&c->ready);
+}
+
+/* Open a client named `name` (JACK may add a suffix: cp_client_name()). */
+cp_client *cp_open(const char *name, char *err, int errlen) {
+    if (load(err, errlen)) return NULL;
+    cp_client *c = calloc(1, sizeof *c);
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    int status = 0;
+    c->client = J.client_open(name, JackNoStartServer, &status);
+    if (!c->client) {
+        snprintf(err, errlen, "no JACK server is running (status 0x%x)", status);
+        free(c);
+        return NULL;
+    }
+    c->in_ring = J.rb_create(IN_RING);
+    J.rb_mlock(c->in_ring);
+    sem_init(&c->ready, 0, 0);
+    J.set_process_callback(c->client, process, c);
+    J.on_shutdown(c->client, on_shutdown, c);
+    if (J.activate(c->client)) {
+        snprintf(err, errlen, "cannot activate the JACK client %s", name);
+        J.client_close(c->client);
+        J.rb_free(c->in_ring);
+        sem_destroy(&c->ready);
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+const char *cp_client_name(cp_client *c) { return J.get_client_name(c->client); }
+
+/* Register a port; returns its index, or -1 (err says why). */
+int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int errlen) {
+    int i = 0;
+    while (i < MAX_PORTS && c->ports[i].state != FREE) i++;
+    if (i == MAX_PORTS) {
+        snprintf(err, errlen, "a JACK client holds at most %d ports", MAX_PORTS);
+        return -1;
+    }
+    jack_port_t *port = J.port_register(c->client, name, MIDI_TYPE, is_input ? JackPortIsInput : JackPortIsOutput, 0);
+    if (!port) {
+        snprintf(err, errlen, "JACK refused the port %s (a port of that name exists?)", name);
+        return -1;
+    }
+    cp_port *p = &c->ports[i];
+    p->port = port;
+    p->is_input = is_input;
+    p->ring = NULL;
+    if (!is_input) {
+        p->ring = J.rb_create(OUT_RING);
+        J.rb_mlock(p->ring);
+    }
+    __sync_synchronize();
+    p->state = LIVE;
+    return i;
+}
+
+const char *cp_port_name(cp_client *c, int i) { return J.port_name(c->ports[i].port); }
+
+/* Queue one message on an output: 0, or -1 if its ring is full. */
+int cp_send(cp_client *c, int i, const unsigned char *data, int len) {
+    cp_port *p = &c->ports[i];
+    uint16_t n = (uint16_t)len;
+    if (len <= 0 || len > MAX_MESSAGE) return -2;
+    if (J.rb_write_space(p->ring) < sizeof n + n) return -1;
+    J.rb_write(p->ring, (const char *)&n, sizeof n);
+    J.rb_write(p->ring, (const char *)data, n);
+    return 0;
+}
+
+/* Bytes an output still has to hand to JACK. */
+int cp_pending(cp_client *c, int i) { return (int)J.rb_read_space(c->ports[i].ring); }
+
+uint64_t cp_cycles(cp_client *c) { return c->cycles; }
+uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
+uint64_t cp_late_out(cp_client *c) { return c->late_out; }
+int cp_is_shutdown(cp_client *c) { return c->shutdown; }
+
+/* Until two more cycles have ended (a callback that saw the old state has
+ * finished), or half a second if JACK is stuck. */
+static void two_cycles(cp_client *c) {
+    uint64_t start = c->cycles;
+    for (int k = 0; k < 2000 && !c->shutdown && c->cycles < start + 2; k++) {
+        struct timespec ts = {0, 250000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Stop using port i, wait for the process callback to let go, unregister.
+ * An output's queued messages are dropped: the caller waits for
+ * cp_pending() == 0 first. */
+void cp_remove_port(cp_client *c, int i) {
+    cp_port *p = &c->ports[i];
+    if (p->state != LIVE) return;
+    p->state = CLOSING;
+    __sync_synchronize();
+    two_cycles(c);
+    p->state = DEAD;
+    __sync_synchronize();
+    two_cycles(c);
+    if (!c->shutdown) J.port_unregister(c->client, p->port);
+    if (p->ring) J.rb_free(p->ring);
+    p->port = NULL;
+    p->ring = NULL;
+    __sync_synchronize();
+    p->state = FREE;
+}
+
+/* Wait up to timeout_s for input (1), or time out (0); -1 after shutdown. */
+int cp_wait(cp_client *c, double timeout_s) {
+    if (J.rb_read_space(c->in_ring) > 0) return 1;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long long ns = ts.tv_nsec + (long long)(timeout_s * 1e9);
+    ts.tv_sec += ns / 1000000000;
+    ts.tv_nsec = ns % 1000000000;
+    while (sem_timedwait(&c->ready, &ts) != 0) {
+        if (errno == EINTR) continue;
+        break;
+    }
+    if (J.rb_read_space(c->in_ring) > 0) return 1;
+    return c->shutdown ? -1 : 0;
+}
+
+/* Wake a reader blocked in cp_wait (e.g. to stop it). */
+void cp_wake(cp_client *c) { sem_post(&c->ready); }
+
+/* Take one input message: its length (0 if none), its port and time. */
+int cp_read(cp_client *c, unsigned char *buf, int buflen, int *port, int64_t *t_ns) {
+    in_header h;
+    if (J.rb_read_space(c->in_ring) < sizeof h) return 0;
+    J.rb_read(c->in_ring, (char *)&h, sizeof h);
+    if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
+        J.rb_read_advance(c->in_ring, h.length);
+        return 0;
+    }
+    J.rb_read(c->in_ring, (char *)buf, h.length);
+    *port = h.port;
+    *t_ns = h.t_ns;
+    return h.length;
+}
+
+/* Connect two ports by full name: 0, or JACK's error (EEXIST: already). */
+int cp_connect(cp_client *c, const char *source, const char *destination) {
+    return J.connect(c->client, source, destination);
+}
+
+/* MIDI ports of the graph, "\n"-separated into buf; `outputs` selects
+ * ports that send (1) or receive (0).  Returns the length, -1 if buf is short. */
+int cp_list_ports(cp_client *c, int outputs, char *buf, int buflen) {
+    const char **names = J.get_ports(c->client, NULL, MIDI_TYPE, outputs ? JackPortIsOutput : JackPortIsInput);
+    int used = 0;
+    buf[0] = 0;
+    if (!names) return 0;
+    for (int i = 0; names[i]; i++) {
+        int n = (int)strlen(names[i]);
+        if (used + n + 2 > buflen) {
+            J.free(names);
+            return -1;
+        }
+        memcpy(buf + used, names[i], n);
+        used += n;
+        buf[used++] = '\n';
+        buf[used] = 0;
+    }
+    J.free(names);
+    return used;
+}
+
+void cp_close(cp_client *c) {
+    if (!c) return;
+    if (!c->shutdown) J.deactivate(c->client);
+    for (int i = 0; i < MAX_PORTS; i++) {
+        cp_port *p = &c->ports[i];
+        if (p->state != FREE && p->ring) J.rb_free(p->ring);
+        p->state = FREE;
+    }
+    J.client_close(c->client);
+    J.rb_free(c->in_ring);
+    sem_destroy(&c->ready);
+    free(c);
+}
