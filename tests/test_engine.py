@@ -493,6 +493,28 @@ def test_decider_retries_a_model_that_was_slow():
 # --- safety --------------------------------------------------------------------------
 
 
+class WarmedScorer(RuleScorer):
+    """A RuleScorer that counts the engine's keep-warm steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warmed = 0
+
+    def warm(self, pitch, feats) -> None:
+        self.warmed += 1
+
+
+@pytest.mark.parametrize("keep_warm_ms", [2.0, 0.0])
+def test_a_rest_keeps_the_model_warm_unless_switched_off(keep_warm_ms):
+    scorer = WarmedScorer()
+    with Rig(f"latency.keep_warm_ms={keep_warm_ms}", scorer=scorer) as rig:
+        rig.send((ON, 76, 100), (OFF, 76, 0))
+        time.sleep(0.1)
+        rig.send((ON, 40, 90), (OFF, 40, 0))
+        assert rig.notes("coplayer bass") == [(0x93, 40, 90), (0x83, 40, 0)]
+    assert (scorer.warmed > 5) if keep_warm_ms else (scorer.warmed == 0)
+
+
 def test_an_exception_in_the_worker_is_logged_and_the_engine_goes_on(caplog):
     with Rig(scorer=RuleScorer(fail_on=61)) as rig:
         with caplog.at_level(logging.ERROR):

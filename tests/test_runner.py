@@ -84,6 +84,26 @@ def test_scorer_drives_an_instrumenter(exported):
     np.testing.assert_allclose(scorer.log_probs(60, feats, inst.featurizer), np.log(probs), atol=1e-9)
 
 
+def test_keep_warm_changes_nothing(exported):
+    """The engine's keep-warm step between notes (Instrumenter.warm) runs the
+    model and the featurizer but leaves both as they were: decisions and
+    scores equal those of an instrumenter that is never warmed."""
+    cold, warm = (Instrumenter(OnnxScorer(OnnxModel(exported))) for _ in range(2))
+    notes = [(60, 0.0), (64, 0.002), (67, 0.004), (72, 0.5), (62, 1.0), (65, 1.001)]
+    for pitch, t in notes:
+        before = warm.featurizer.preview(pitch, 80, t)
+        warm.warm(t)
+        warm.warm(t + 0.01)
+        np.testing.assert_array_equal(warm.featurizer.preview(pitch, 80, t), before)
+        a, b = cold.note_on(pitch, 80, t), warm.note_on(pitch, 80, t)
+        assert a.part == b.part
+        np.testing.assert_array_equal(a.log_probs, b.log_probs)
+    model = OnnxModel(exported)
+    feats = Featurizer(model.spec).note_on(60, 80, 0.0)
+    np.testing.assert_array_equal(model.peek(60, feats), model.peek(60, feats))
+    np.testing.assert_allclose(softmax(model.peek(60, feats)), model.step(60, feats))
+
+
 def test_softmax_and_log_softmax_agree():
     logits = np.array([1000.0, 999.0, -5.0], dtype=np.float32)  # no overflow
     np.testing.assert_allclose(np.exp(log_softmax(logits)), softmax(logits))

@@ -174,6 +174,15 @@ class Decider:
             self._broke(exc)
         self.model.reset()
 
+    def keep_warm(self) -> None:
+        """Between notes: a model step thrown away (Instrumenter.warm), so
+        that the next note does not pay for cold caches."""
+        if not self.broken:
+            try:
+                self.model.warm((self.now() - self.t0_ns) / 1e9)
+            except Exception as exc:  # the next real note will tell
+                log.debug("keep-warm step failed: %s", exc)
+
     def decide(self, pitch: int, velocity: int, t_ns: int) -> tuple[str, bool]:
         """(part name, whether the fallback chose) for a note-on received at ``t_ns``."""
         time_s = (t_ns - self.t0_ns) / 1e9
@@ -401,9 +410,14 @@ class Engine:
     def _run(self) -> None:
         raise_priority(WORKER_RT_PRIORITY, "the engine's worker")
         self.decider.warm_up()  # here: timed at the worker's priority
-        get = self._queue.get
+        get, keep_warm = self._queue.get, self.decider.keep_warm
+        warm_s = self.cfg.latency.keep_warm_ms / 1e3 or None
         while True:
-            item = get()
+            try:
+                item = get(timeout=warm_s)
+            except queue.Empty:  # a rest: keep the model warm for the next note
+                keep_warm()
+                continue
             if item is _STOP:
                 return
             try:

@@ -129,6 +129,11 @@ class Featurizer:
             return None
         return self._vector(pitch, velocity, time, self.joins_chord(time))
 
+    def preview(self, pitch: int, velocity: int, time: float) -> np.ndarray:
+        """The features ``note_on`` would give, with no state change at all
+        (keeping the code path warm between notes)."""
+        return self._vector(pitch, velocity, time, self.joins_chord(time))
+
     def commit(self, part: int) -> None:
         """Record the part chosen for the note of the last note_on()."""
         if self._pending is None:

@@ -119,6 +119,14 @@ class Instrumenter:
         self._chord_parts.add(part)
         return Decision(part, self.parts[part], scores)
 
+    def warm(self, time: float) -> None:
+        """Run the decision's code on a dummy note and forget it: nothing
+        changes, but the next real note finds the model in the caches.  Only
+        scorers with a ``warm`` method (the ONNX models) take part."""
+        warm = getattr(self.scorer, "warm", None)
+        if warm is not None:
+            warm(60, self.featurizer.preview(60, 64, time))
+
     def note_off(self, pitch: int, time: float) -> int | None:
         """A played note ends; returns the part index its note-on was routed to."""
         self.featurizer.note_off(pitch, time)

@@ -251,6 +251,12 @@ class OnnxModel:
         """One note: probabilities over ``parts`` (float64 [K]); advances the state."""
         return softmax(self.logits(pitch, feats))
 
+    def peek(self, pitch: int, feats: np.ndarray) -> np.ndarray:
+        """The logits of :meth:`logits` without advancing the state."""
+        self._pitch[0] = pitch
+        self._feats[0] = feats
+        return self._session.run(self._outputs, self._feed)[0][0]
+
 
 class OnnxScorer:
     """An :class:`OnnxModel` as the :class:`~coplayer.instrument.instrumenter.Scorer` of an Instrumenter."""
@@ -265,3 +271,7 @@ class OnnxScorer:
 
     def log_probs(self, pitch: int, feats: np.ndarray, featurizer: Featurizer) -> np.ndarray:
         return log_softmax(self.model.logits(pitch, feats))
+
+    def warm(self, pitch: int, feats: np.ndarray) -> None:
+        """A step whose result and state are thrown away (see Instrumenter.warm)."""
+        self.model.peek(pitch, feats)
