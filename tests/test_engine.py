@@ -349,6 +349,30 @@ def test_cc_controls_steer_the_engine_and_are_not_forwarded():
     assert 99 not in CcControls(rig.cfg.controls, rig.engine)
 
 
+def test_an_input_with_its_own_thread_is_handled_in_it_in_order():
+    """BaseInput.own_thread (coplayer's JACK input): the engine decides in the
+    input's thread; a mode change by CC applies to the very next note, and the
+    worker's keep-warm steps share the model safely."""
+    scorer = WarmedScorer()
+    rig = Rig("latency.keep_warm_ms=0.5", scorer=scorer)
+    rig.input.own_thread = True
+    with rig:
+        assert rig.input.on_message == rig.engine._handle_here
+        for i in range(200):
+            rig.input.inject((ON, 76, 100))
+            rig.input.inject((OFF, 76, 0))
+            if i % 50 == 0:
+                time.sleep(0.01)  # rests: keep-warm steps run on the worker
+        rig.input.inject((CC, 22, 50))  # mode respond: the next note goes through
+        rig.input.inject((ON, 40, 90))
+        rig.input.inject((OFF, 40, 0))
+        assert rig.engine.mode == "respond"
+        assert rig.notes("coplayer soprano") == [(0x90, 76, 100), (0x80, 76, 0)] * 200
+        assert rig.notes("coplayer thru") == [(0x90, 40, 90), (0x80, 40, 0)]
+        assert rig.notes("coplayer bass") == []
+    assert scorer.warmed > 0 and rig.all_silent()
+
+
 def test_panic_releases_everything_and_later_note_offs_stay_quiet():
     with Rig() as rig:
         rig.send((ON, 76, 100), (ON, 40, 100), (CC, 64, 127))

@@ -2,7 +2,10 @@
 
 The input port's callback only enqueues ``(message, arrival time)`` on an
 unbounded :class:`queue.SimpleQueue` (:meth:`Engine.on_message`); the
-worker takes each message in order and decides:
+worker takes each message in order and decides.  An input that calls back
+from a thread of its own doing nothing else (``BaseInput.own_thread``:
+coplayer's JACK client) is handled in that thread instead, in turn with the
+worker's items (one lock), sparing a thread hop per note:
 
 * **note-on**: the :class:`Decider` picks the part (the model, or within
   the latency budget's reach the fallback), the note goes to the part's
@@ -312,6 +315,8 @@ class Engine:
         self._lock = threading.RLock()  # response notes vs mute and panic
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._work = threading.Lock()  # one message or item at a time: the worker's, or the input's own thread's
+        self._working = 0  # threading.get_ident() of the thread holding _work
         self._closed = False
         self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
         self.notes_out: Counter = Counter()  # notes sent per part
@@ -344,7 +349,7 @@ class Engine:
             self.osc.start()
             self._state("mode", self.mode)
         if self.input is not None:
-            self.input.on_message = self.on_message
+            self.input.on_message = self._handle_here if self.input.own_thread else self.on_message
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -407,26 +412,45 @@ class Engine:
         """The input port's callback: enqueue and return."""
         self._queue.put((data, t_ns))
 
+    def _handle_here(self, data: Message, t_ns: int) -> None:
+        """The callback of an input with its own thread: handle the message
+        in that thread, in turn with the worker's items."""
+        with self._work:
+            self._working = threading.get_ident()
+            try:
+                self._handle(data, t_ns)
+            except Exception as exc:  # the input's thread must survive any one message
+                self._worker_error(exc, (data, t_ns))
+            finally:
+                self._working = 0
+
     def _run(self) -> None:
         raise_priority(WORKER_RT_PRIORITY, "the engine's worker")
-        self.decider.warm_up()  # here: timed at the worker's priority
+        work, me = self._work, threading.get_ident()
+        with work:
+            self.decider.warm_up()  # here: timed at the worker's priority
         get, keep_warm = self._queue.get, self.decider.keep_warm
         warm_s = self.cfg.latency.keep_warm_ms / 1e3 or None
         while True:
             try:
                 item = get(timeout=warm_s)
             except queue.Empty:  # a rest: keep the model warm for the next note
-                keep_warm()
+                with work:
+                    keep_warm()
                 continue
             if item is _STOP:
                 return
-            try:
-                if item.__class__ is tuple:
-                    self._handle(*item)
-                else:
-                    item.fn(*item.args)
-            except Exception as exc:  # the worker must survive any one message
-                self._worker_error(exc, item)
+            with work:
+                self._working = me
+                try:
+                    if item.__class__ is tuple:
+                        self._handle(*item)
+                    else:
+                        item.fn(*item.args)
+                except Exception as exc:  # the worker must survive any one message
+                    self._worker_error(exc, item)
+                finally:
+                    self._working = 0
 
     def _worker_error(self, exc: Exception, item: object) -> None:
         self.counts["errors"] += 1
@@ -669,10 +693,10 @@ class Engine:
 
     def _on_worker(self, fn: Callable, *args) -> None:
         """Run ``fn`` on the worker, in order with the notes (at once if this
-        is the worker, or if the engine is not running)."""
+        thread is handling a message, or if the engine is not running)."""
         if self._closed:
             return
-        if self._thread is None or threading.current_thread() is self._thread:
+        if self._thread is None or threading.get_ident() == self._working:
             fn(*args)
         else:
             self._queue.put(_Call(fn, args))

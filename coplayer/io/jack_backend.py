@@ -208,8 +208,9 @@ class _Client:
                 if n <= 0:
                     break
                 owner = inputs.get(port.value)
-                if owner is not None and not (n == 1 and buf.raw[0] == ACTIVE_SENSING):
-                    owner._deliver(tuple(buf.raw[:n]), t.value + offset)
+                data = tuple(buf[:n])  # not buf.raw: that copies all MAX_MESSAGE bytes
+                if owner is not None and data != (ACTIVE_SENSING,):
+                    owner._deliver(data, t.value + offset)
 
 
 def _release_if_unused(client: _Client) -> None:
@@ -290,6 +291,8 @@ class JackInput(_JackPort, BaseInput):
     """A JACK MIDI input.  ``name``: the existing port to listen to (full
     "client:port" name, its port name, or a unique part of it), or with
     ``virtual=True`` the name of the port to create."""
+
+    own_thread = True  # the client's reader thread (JACK's own real-time thread runs no Python)
 
     def __init__(self, name: str, *, virtual: bool = False, api: str = "jack",
                  client_name: str = "coplayer", port_name: str | None = None, on_message=None) -> None:

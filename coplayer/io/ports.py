@@ -200,6 +200,12 @@ class BasePort:
 class BaseInput(BasePort):
     """An input port: calls ``on_message(data, t_ns)`` for each valid message."""
 
+    own_thread = False
+    """True when ``on_message`` is called from a thread of the port's own
+    that does nothing else, so the handler may do its work there (the
+    engine then decides each note in that thread, sparing a thread hop)
+    instead of only enqueueing."""
+
     def __init__(self, name: str, *, on_message: Callable[[Message, int], None] | None = None, **kwargs) -> None:
         self.on_message = on_message
         self.dropped = 0  # invalid messages the backend delivered
