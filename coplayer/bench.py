@@ -49,8 +49,8 @@ from coplayer.errors import CoplayerError
 from coplayer.io.ports import Message, now_ns
 
 __all__ = [
-    "BenchError", "CoplayerProcess", "Peer", "StatsListener", "bench", "chord", "free_udp_port",
-    "jack_connect", "jack_ports", "main", "rate_steps", "realistic", "run_notes", "single_notes",
+    "BenchError", "CoplayerProcess", "Peer", "SECTIONS", "StatsListener", "bench", "by_section", "chord",
+    "free_udp_port", "jack_connect", "jack_ports", "main", "rate_steps", "realistic", "run_notes", "single_notes",
 ]
 
 PARTS = ("soprano", "alto", "tenor", "bass")
@@ -387,17 +387,31 @@ def bursts(n: int, rng: random.Random, start: float = 0.0, size: int = 8) -> lis
     return out
 
 
-def realistic(total: int, rng: random.Random) -> list[tuple[float, Message]]:
+SECTIONS = ("single notes", "chords", "runs", "bursts")
+
+
+def realistic(total: int, rng: random.Random, starts: list[float] | None = None) -> list[tuple[float, Message]]:
     """``total`` notes: a quarter each of single notes (8/s), four-note chords,
-    runs at 20 notes/s and bursts, one section after another."""
+    runs at 20 notes/s and bursts (:data:`SECTIONS`), one section after
+    another; the start time of each is appended to ``starts``."""
     q = total // 4
     sections, at = [], 0.0
     for make in (lambda s: single_notes(q, 8.0, rng, s), lambda s: chords(q // 4, rng, s),
                  lambda s: run_notes(q, rng, s), lambda s: bursts(q, rng, s)):
         part = make(at)
         sections += part
+        if starts is not None:
+            starts.append(at)
         at = max(t for t, _ in part) + 0.3
     return sorted(sections, key=lambda e: e[0])
+
+
+def by_section(schedule: list[tuple[float, Message]], starts: list[float], ms: dict[int, float]) -> dict[str, list[float]]:
+    """The latencies ``ms`` ({index in ``schedule``: ms}) of each section of :func:`realistic`."""
+    out: dict[str, list[float]] = {name: [] for name in SECTIONS}
+    for i, value in ms.items():
+        out[SECTIONS[bisect.bisect_right(starts, schedule[i][0]) - 1]].append(value)
+    return out
 
 
 def rate_steps(rate: float, seconds: float, rng: random.Random) -> list[tuple[float, Message]]:
@@ -498,6 +512,7 @@ class Result:
     floor_lost: int = 0  # notes the bare loop lost
     stuck_reported_off: int = 0  # stuck notes whose note-off coplayer reported sending (OSC)
     backend: str = ""  # "jack" (coplayer's JACK client) or "rtmidi"
+    sections: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # name: (e2e, floor)
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -524,6 +539,11 @@ class Result:
             f"({self.stuck_reported_off} of the stuck ended by coplayer, per its OSC feed: lost after it) "
             f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost})",
         ]
+        for name, (e2e, floor) in self.sections.items():
+            if e2e and floor:
+                s, b = summary(e2e), summary(floor)
+                lines.append(f"  {name:<13} end to end p50 {s['p50']:.3f} p99 {s['p99']:.3f} ms, "
+                             f"floor p50 {b['p50']:.3f} p99 {b['p99']:.3f} ms")
         for s in self.steps:
             lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
                          f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms -> {'ok' if s['ok'] else 'FAIL'}")
@@ -577,9 +597,13 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         time.sleep(0.3)
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
         osc_from = len(stats.messages)
-        sent, arrived = _section(peer, realistic(notes, rng))
+        starts: list[float] = []
+        schedule = realistic(notes, rng, starts)
+        sent, arrived = _section(peer, schedule)
         e2e, lost, jack_lost = latencies(sent, arrived, (MERGED,))
         floor = match(sent, arrived, ("floor",))
+        e2e_by, floor_by = (by_section(schedule, starts, match(sent, arrived, labels))
+                            for labels in ((MERGED,), ("floor",)))
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
@@ -593,7 +617,8 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
                 break
             best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
-                      list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend)
+                      list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
+                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS})
     finally:
         if peer is not None:
             peer.close()
