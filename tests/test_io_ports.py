@@ -10,6 +10,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -440,6 +441,45 @@ def test_a_jack_port_name_taken_is_one_clear_error(jack_server):
     with Output("same", virtual=True, client_name=name):
         with pytest.raises(PortError, match="already has a port 'same'"):
             Output("same", virtual=True, client_name=name)
+
+
+def test_jack_idle_ticks_come_in_rests_just_after_a_cycle_and_never_while_notes_stream(jack_server):
+    """JackInput.set_idle: the engine's keep-warm hook.  Ticks come every
+    ``every_s`` of silence, in the input's own thread, soon after a cycle
+    began; none while messages come closer together than that; none after
+    set_idle(None)."""
+    from coplayer.io import jack_backend
+    from coplayer.io.ports import now_ns
+
+    Input, Output = _backend("jack")
+    a, b = _client_name("ia"), _client_name("ib")
+    got, ticks = [], []
+    out = Output("notes", virtual=True, client_name=a)
+    inp = Input("listen", virtual=True, client_name=b, on_message=lambda data, t: got.append(threading.get_ident()))
+    subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
+    try:
+        assert inp.set_idle(lambda: ticks.append((now_ns(), threading.get_ident())), 0.005)
+        time.sleep(0.3)
+        rest = len(ticks)
+        assert 20 <= rest <= 70, rest  # every 5 ms of silence (a tick is skipped if the reader woke late)
+        streaming = now_ns()
+        for i in range(100):  # a message every ~2 ms for 0.2 s: no tick
+            out.send((0x90, 60, 1 + i))
+            time.sleep(0.002)
+        streamed = now_ns()
+        _wait_for(got, 100)
+        during = [t for t, _ in ticks if streaming + 10_000_000 < t < streamed]
+        assert not during, f"{len(during)} ticks came while messages streamed"
+        assert {ident for _, ident in ticks} == set(got[:1]), "ticks and messages come from one thread"
+        inp.set_idle(None, 0.0)
+        time.sleep(0.05)
+        before = len(ticks)
+        time.sleep(0.1)
+        assert len(ticks) == before
+    finally:
+        out.close()
+        inp.close()
+    assert jack_backend.IDLE_FRESH_S < 0.0013  # well inside one cycle at 48 kHz / 64 frames
 
 
 def test_backend_choice():

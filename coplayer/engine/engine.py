@@ -317,6 +317,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._work = threading.Lock()  # one message or item at a time: the worker's, or the input's own thread's
         self._working = 0  # threading.get_ident() of the thread holding _work
+        self._warm_s: float | None = None  # the worker's keep-warm period (None: the input's idle ticks do it)
         self._closed = False
         self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
         self.notes_out: Counter = Counter()  # notes sent per part
@@ -339,6 +340,10 @@ class Engine:
         if self._thread is not None:
             return self
         self._program_changes()
+        warm_s = self.cfg.latency.keep_warm_ms / 1e3
+        if self.input is not None and self.input.own_thread and warm_s and self.input.set_idle(self._warm_here, warm_s):
+            warm_s = 0.0  # the input's idle ticks keep the model warm, never as a note comes
+        self._warm_s = warm_s or None
         self._thread = threading.Thread(target=self._run, name="coplayer-engine", daemon=True)
         self._thread.start()
         if self.responder is not None:
@@ -424,13 +429,21 @@ class Engine:
             finally:
                 self._working = 0
 
+    def _warm_here(self) -> None:
+        """The input's idle tick (BaseInput.set_idle): a keep-warm step,
+        skipped if the worker is busy."""
+        if self._work.acquire(blocking=False):
+            try:
+                self.decider.keep_warm()
+            finally:
+                self._work.release()
+
     def _run(self) -> None:
         raise_priority(WORKER_RT_PRIORITY, "the engine's worker")
         work, me = self._work, threading.get_ident()
         with work:
             self.decider.warm_up()  # here: timed at the worker's priority
-        get, keep_warm = self._queue.get, self.decider.keep_warm
-        warm_s = self.cfg.latency.keep_warm_ms / 1e3 or None
+        get, keep_warm, warm_s = self._queue.get, self.decider.keep_warm, self._warm_s
         while True:
             try:
                 item = get(timeout=warm_s)

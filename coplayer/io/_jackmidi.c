@@ -12,7 +12,11 @@
  *   - inputs: the process callback copies every event of every input into
  *     one ring buffer, stamped with the cycle's start (CLOCK_MONOTONIC), and
  *     posts a semaphore; a Python reader thread blocked in cp_wait() (the GIL
- *     released) wakes at once.  No polling, no Python in JACK's thread.
+ *     released) wakes at once.  No polling, no Python in JACK's thread;
+ *   - idle ticks (cp_set_idle): after a spell with no input the callback
+ *     also posts the reader, at the start of a cycle, so Python can do
+ *     housekeeping (keep its model warm) when no message can arrive before
+ *     the next cycle, never while one waits.
  *
  * libjack is opened with dlopen() at run time, so building this file needs
  * neither JACK's headers nor its library: the few declarations used are
@@ -175,6 +179,10 @@ typedef struct {
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile int shutdown;
+    volatile int64_t idle_ns;     /* post an idle tick after this long without input (0: never) */
+    int64_t last_post_ns;         /* start of the cycle that last posted (input or tick) */
+    volatile int64_t tick_ns;     /* start of the cycle of the last idle tick */
+    int64_t fresh_ns;             /* how long after its cycle's start a tick is still worth taking */
 } cp_client;
 
 static int64_t mono_ns(void) {
@@ -235,7 +243,12 @@ static int process(jack_nframes_t nframes, void *arg) {
         }
     }
     __sync_fetch_and_add(&c->cycles, 1);
-    if (got) sem_post(&c->ready);
+    int64_t idle = c->idle_ns;
+    if (got || (idle > 0 && t - c->last_post_ns >= idle)) {
+        if (!got) c->tick_ns = t;
+        c->last_post_ns = t;
+        sem_post(&c->ready);
+    }
     return 0;
 }
 
@@ -355,7 +368,17 @@ void cp_remove_port(cp_client *c, int i) {
     p->state = FREE;
 }
 
-/* Wait up to timeout_s for input (1), or time out (0); -1 after shutdown. */
+/* Idle ticks after idle_s without input (0: none); a tick counts as fresh
+ * for fresh_s after its cycle started. */
+void cp_set_idle(cp_client *c, double idle_s, double fresh_s) {
+    c->fresh_ns = (int64_t)(fresh_s * 1e9);
+    c->idle_ns = (int64_t)(idle_s * 1e9);
+}
+
+/* Wait up to timeout_s for input (1), or time out (0); 2: an idle tick whose
+ * cycle started less than fresh_s ago (and no input); -1 after shutdown.
+ * Posts that piled up while the reader was busy are taken at once: one
+ * wake per wait. */
 int cp_wait(cp_client *c, double timeout_s) {
     if (J.rb_read_space(c->in_ring) > 0) return 1;
     struct timespec ts;
@@ -363,12 +386,14 @@ int cp_wait(cp_client *c, double timeout_s) {
     long long ns = ts.tv_nsec + (long long)(timeout_s * 1e9);
     ts.tv_sec += ns / 1000000000;
     ts.tv_nsec = ns % 1000000000;
-    while (sem_timedwait(&c->ready, &ts) != 0) {
-        if (errno == EINTR) continue;
-        break;
+    int woke;
+    while (!(woke = (sem_timedwait(&c->ready, &ts) == 0)) && errno == EINTR) {
+    }
+    while (sem_trywait(&c->ready) == 0) {
     }
     if (J.rb_read_space(c->in_ring) > 0) return 1;
-    return c->shutdown ? -1 : 0;
+    if (c->shutdown) return -1;
+    return woke && c->idle_ns > 0 && mono_ns() - c->tick_ns < c->fresh_ns ? 2 : 0;
 }
 
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */

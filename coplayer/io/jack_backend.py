@@ -33,6 +33,7 @@ import importlib.machinery
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from coplayer.io.ports import (BaseInput, BaseOutput, Message, OpenPorts, PortError, find_port, now_ns,
@@ -52,6 +53,7 @@ DRAIN_TIMEOUT_S = 0.5  # closing an output waits this long for JACK to take its 
 # missed the next JACK cycle: a period (1.33 ms at 64 frames) of jitter.
 READER_RT_PRIORITY = 12
 WAIT_S = 0.25  # the reader wakes this often to notice a close
+IDLE_FRESH_S = 0.00025  # an idle tick is taken only this soon after its cycle began (see JackInput.set_idle)
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -88,6 +90,7 @@ def _load() -> ctypes.CDLL:
         "cp_is_shutdown": (i, [c]),
         "cp_remove_port": (None, [c, i]),
         "cp_wait": (i, [c, ctypes.c_double]),
+        "cp_set_idle": (None, [c, ctypes.c_double, ctypes.c_double]),
         "cp_wake": (None, [c]),
         "cp_read": (i, [c, p, i, ctypes.POINTER(i), ctypes.POINTER(i64)]),
         "cp_connect": (i, [c, p, p]),
@@ -138,6 +141,8 @@ class _Client:
         self.key = name
         self.offset = _clock_offset(lib)
         self.inputs: dict[int, JackInput] = {}
+        self.on_idle: Callable[[], None] | None = None  # JackInput.set_idle
+        self.idle_owner: JackInput | None = None
         self.ports = 0
         self.lock = threading.Lock()
         self._stop = False
@@ -203,6 +208,9 @@ class _Client:
             if state < 0:
                 log.error("the JACK server shut down: coplayer's JACK ports (%s) are gone", self.name)
                 return
+            if state == 2:
+                self._idle()
+                continue
             while not self._stop:
                 n = lib.cp_read(handle, buf, MAX_MESSAGE, pport, pt)
                 if n <= 0:
@@ -211,6 +219,21 @@ class _Client:
                 data = tuple(buf[:n])  # not buf.raw: that copies all MAX_MESSAGE bytes
                 if owner is not None and data != (ACTIVE_SENSING,):
                     owner._deliver(data, t.value + offset)
+
+
+    def set_idle(self, owner: JackInput, fn: Callable[[], None] | None, every_s: float) -> None:
+        self.on_idle, self.idle_owner = fn, owner if fn is not None else None
+        self.lib.cp_set_idle(self.handle, every_s if fn is not None else 0.0, IDLE_FRESH_S)
+
+    def _idle(self) -> None:
+        fn = self.on_idle
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception:  # the reader must survive its owner's bug
+            log.exception("the idle handler of JACK client %s failed; it is dropped", self.name)
+            self.on_idle = None
 
 
 def _release_if_unused(client: _Client) -> None:
@@ -303,7 +326,22 @@ class JackInput(_JackPort, BaseInput):
         self._open_jack("input", virtual, client_name, port_name)
         self._client_obj.inputs[self._index] = self
 
+    def set_idle(self, fn: Callable[[], None] | None, every_s: float) -> bool:
+        """JACK's process callback posts the reader after ``every_s`` with no
+        input on any port of the client (then every ``every_s``), at a
+        cycle's start; the reader calls ``fn`` only if it wakes within
+        IDLE_FRESH_S of it, so ``fn`` runs when no message can come before
+        the next cycle.  One handler per client: the last set wins."""
+        client = self._client_obj
+        if client is None or self.closed:
+            return False
+        client.set_idle(self, fn, every_s)
+        return True
+
     def _close(self) -> None:
+        client = self._client_obj
+        if client is not None and client.idle_owner is self:
+            client.set_idle(self, None, 0.0)
         self._close_jack()
 
 

@@ -206,6 +206,13 @@ class BaseInput(BasePort):
     engine then decides each note in that thread, sparing a thread hop)
     instead of only enqueueing."""
 
+    def set_idle(self, fn: Callable[[], None] | None, every_s: float) -> bool:
+        """Have ``fn()`` called from the input's own thread every ``every_s``
+        while no message comes, at moments when none can arrive before it
+        returns (``None``: stop).  False where the backend cannot (this
+        default): the owner then finds its own moments."""
+        return False
+
     def __init__(self, name: str, *, on_message: Callable[[Message, int], None] | None = None, **kwargs) -> None:
         self.on_message = on_message
         self.dropped = 0  # invalid messages the backend delivered
