@@ -482,6 +482,39 @@ def test_jack_idle_ticks_come_in_rests_just_after_a_cycle_and_never_while_notes_
     assert jack_backend.IDLE_FRESH_S < 0.0013  # well inside one cycle at 48 kHz / 64 frames
 
 
+def test_a_jack_input_tells_when_messages_wait_for_its_reader(jack_server):
+    """JackInput.waiting(): the engine then skips optional work after a note."""
+    Input, Output = _backend("jack")
+    a, b = _client_name("wa"), _client_name("wb")
+    release, seen, waited = threading.Event(), [], []
+
+    def slow(data, t):
+        seen.append(data)
+        if len(seen) == 1:
+            release.wait(5)
+
+    out = Output("notes", virtual=True, client_name=a)
+    inp = Input("listen", virtual=True, client_name=b, on_message=slow)
+    subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
+    try:
+        assert not inp.waiting()
+        out.send((0x90, 60, 1))
+        _wait_for(seen, 1)
+        out.send((0x90, 61, 1))
+        deadline = time.monotonic() + 2
+        while not waited and time.monotonic() < deadline:
+            if inp.waiting():
+                waited.append(True)
+            time.sleep(0.001)
+        release.set()
+        _wait_for(seen, 2)
+        assert waited and not inp.waiting()
+    finally:
+        release.set()
+        out.close()
+        inp.close()
+
+
 def test_backend_choice():
     from coplayer.io.real import choose
 

@@ -510,7 +510,7 @@ class Engine:
             self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
         self._latency(self._now() - t_ns)
         self.recorder.message(None, data, t_ns)  # after the send, as everything below
-        self.decider.commit(idle=self._queue.empty())
+        self.decider.commit(idle=self._queue.empty() and not (self.input is not None and self.input.waiting()))
 
     def _note_target(self, part: str) -> Target:
         if self.mode == "respond" and self.outputs.thru is not None:

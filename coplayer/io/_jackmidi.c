@@ -396,6 +396,9 @@ int cp_wait(cp_client *c, double timeout_s) {
     return woke && c->idle_ns > 0 && mono_ns() - c->tick_ns < c->fresh_ns ? 2 : 0;
 }
 
+/* Bytes of input messages waiting for the reader. */
+int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring); }
+
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */
 void cp_wake(cp_client *c) { sem_post(&c->ready); }
 

@@ -91,6 +91,7 @@ def _load() -> ctypes.CDLL:
         "cp_remove_port": (None, [c, i]),
         "cp_wait": (i, [c, ctypes.c_double]),
         "cp_set_idle": (None, [c, ctypes.c_double, ctypes.c_double]),
+        "cp_waiting": (i, [c]),
         "cp_wake": (None, [c]),
         "cp_read": (i, [c, p, i, ctypes.POINTER(i), ctypes.POINTER(i64)]),
         "cp_connect": (i, [c, p, p]),
@@ -99,7 +100,12 @@ def _load() -> ctypes.CDLL:
         "cp_now_ns": (i64, []),
     }
     for name, (res, args) in sig.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            _lib_error = (f"coplayer's JACK client ({found[0].name}) is older than this coplayer (it lacks "
+                          f"{name}): `pip install -e .` again; python-rtmidi's JACK ports still work")
+            raise PortError(_lib_error) from None
         fn.restype, fn.argtypes = res, args
     _lib = lib
     return lib
@@ -325,6 +331,11 @@ class JackInput(_JackPort, BaseInput):
     def _open(self, virtual: bool, client_name: str, port_name: str | None) -> None:
         self._open_jack("input", virtual, client_name, port_name)
         self._client_obj.inputs[self._index] = self
+
+    def waiting(self) -> bool:
+        """Messages of any input of this client wait for the reader."""
+        client = self._client_obj
+        return client is not None and client.lib.cp_waiting(client.handle) > 0
 
     def set_idle(self, fn: Callable[[], None] | None, every_s: float) -> bool:
         """JACK's process callback posts the reader after ``every_s`` with no

@@ -206,6 +206,11 @@ class BaseInput(BasePort):
     engine then decides each note in that thread, sparing a thread hop)
     instead of only enqueueing."""
 
+    def waiting(self) -> bool:
+        """True if messages wait to be delivered (backends with their own
+        buffer say so; the default cannot tell: False)."""
+        return False
+
     def set_idle(self, fn: Callable[[], None] | None, every_s: float) -> bool:
         """Have ``fn()`` called from the input's own thread every ``every_s``
         while no message comes, at moments when none can arrive before it
