@@ -664,12 +664,29 @@ def histogram_png(result: Result, path: str | os.PathLike, width: int = 640, hei
     write_png(path, img)
 
 
+def _exit_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C, so that bench() stops the coplayer and
+    pass-through processes it started instead of leaving them running."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        return None
+
+
 def main(notes: int = 2000, as_json: bool = False, png: str | None = None, stream=None,
          backend: str = "auto") -> int:
     """``coplayer bench``."""
     stream = stream if stream is not None else sys.stdout
     say = None if as_json else (lambda msg: print(msg, file=stream, flush=True))
-    result = bench(notes, progress=say, backend=backend)
+    previous = _exit_on_sigterm()
+    try:
+        result = bench(notes, progress=say, backend=backend)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if png:
         Path(png).parent.mkdir(parents=True, exist_ok=True)
         histogram_png(result, png)
