@@ -513,6 +513,7 @@ class Result:
     stuck_reported_off: int = 0  # stuck notes whose note-off coplayer reported sending (OSC)
     backend: str = ""  # "jack" (coplayer's JACK client) or "rtmidi"
     sections: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # name: (e2e, floor)
+    decision: tuple | None = None  # coplayer's own /coplayer/stats after the realistic notes: p50, p99, max ms, ...
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -539,6 +540,9 @@ class Result:
             f"({self.stuck_reported_off} of the stuck ended by coplayer, per its OSC feed: lost after it) "
             f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost})",
         ]
+        if self.decision:
+            lines.append(f"coplayer's own decision time (arrival stamp to send, {self.decision[3]} notes): "
+                         f"p50 {self.decision[0]:.3f} ms, p99 {self.decision[1]:.3f} ms, max {self.decision[2]:.3f} ms")
         for name, (e2e, floor) in self.sections.items():
             if e2e and floor:
                 s, b = summary(e2e), summary(floor)
@@ -604,6 +608,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         floor = match(sent, arrived, ("floor",))
         e2e_by, floor_by = (by_section(schedule, starts, match(sent, arrived, labels))
                             for labels in ((MERGED,), ("floor",)))
+        decision = stats.fresh_stats()
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
@@ -618,7 +623,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
             best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
                       list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
-                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS})
+                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision)
     finally:
         if peer is not None:
             peer.close()
