@@ -92,6 +92,14 @@ static struct {
 
 static void *libjack;
 
+/* libjack prints its errors and news to stderr ("Cannot connect to server
+ * socket ..." when no server runs): the first since cp_open began is kept
+ * here instead and quoted in coplayer's own error message. */
+static char jack_said[256];
+static void keep_jack_message(const char *msg) {
+    if (!jack_said[0]) snprintf(jack_said, sizeof jack_said, "%s", msg);
+}
+
 static int load(char *err, int errlen) {
     if (libjack) return 0;
     const char *names[] = {"libjack.so.0", "libjack.so", "libjack.0.dylib", "/usr/local/lib/libjack.0.dylib",
@@ -111,6 +119,10 @@ static int load(char *err, int errlen) {
             return -1;                                                     \
         }                                                                  \
     } while (0)
+    void (*set_error)(void (*)(const char *)) = (void (*)(void (*)(const char *)))dlsym(h, "jack_set_error_function");
+    void (*set_info)(void (*)(const char *)) = (void (*)(void (*)(const char *)))dlsym(h, "jack_set_info_function");
+    if (set_error) set_error(keep_jack_message);
+    if (set_info) set_info(keep_jack_message);
     SYM(client_open, "jack_client_open");
     SYM(client_close, "jack_client_close");
     SYM(activate, "jack_activate");
@@ -267,9 +279,11 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
         return NULL;
     }
     int status = 0;
+    jack_said[0] = 0;
     c->client = J.client_open(name, JackNoStartServer, &status);
     if (!c->client) {
-        snprintf(err, errlen, "no JACK server is running (status 0x%x)", status);
+        snprintf(err, errlen, "no JACK server is running (status 0x%x%s%s)", status,
+                 jack_said[0] ? "; JACK said: " : "", jack_said);
         free(c);
         return NULL;
     }
