@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mido
 import pytest
@@ -148,3 +149,15 @@ def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
 def test_demo_rejects_a_speed_beyond_the_clock():
     result = coplayer("demo", "--out", "/nonexistent/never", "--speed", "50", *MEMORY)
     assert result.returncode == 2 and "--speed 50" in result.stderr
+
+
+def test_run_stops_with_one_message_when_its_midi_server_goes(caplog):
+    """A JACK server that shuts down takes coplayer's ports: `coplayer run`
+    says so and ends (releasing its notes) instead of waiting forever."""
+    gone = []
+    live = SimpleNamespace(input=SimpleNamespace(lost=lambda: gone[0] if gone else None))
+    threading.Timer(0.1, gone.append, ("the JACK server shut down",)).start()
+    start = time.monotonic()
+    live_module.wait_for_end(live, threading.Event(), None, duration=10.0)
+    assert time.monotonic() - start < 2.0
+    assert "the JACK server shut down: coplayer's ports are gone" in caplog.text

@@ -311,6 +311,10 @@ def wait_for_end(live: Live, stop: threading.Event, feeder: Feeder | None, durat
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return
+        lost = live.input.lost()
+        if lost:
+            log.error("%s: coplayer's ports are gone, so it stops (start the server, then coplayer again)", lost)
+            return
         if feeder is None or not feeder.done.is_set():
             continue
         ended_at = ended_at or now

@@ -275,6 +275,10 @@ class _JackPort:
     _client_obj: _Client | None = None
     _index = -1
 
+    def lost(self) -> str | None:
+        client = self._client_obj
+        return "the JACK server shut down" if client is not None and client.shutdown() else None
+
     def _open_jack(self, kind: str, virtual: bool, client_name: str, own_name: str | None) -> None:
         client = _client(client_name)
         is_input = kind == "input"

@@ -186,6 +186,11 @@ class BasePort:
             finally:
                 self.closed = True
 
+    def lost(self) -> str | None:
+        """Why the port stopped working for good (its MIDI server went
+        away), or None while it works.  Backends that can tell override it."""
+        return None
+
     def __enter__(self):
         return self
 
