@@ -256,6 +256,11 @@ def test_bench_measures_both_loops(backend):
     from coplayer.bench import bench
 
     result = bench(notes=120, rates=(50,), backend=backend)
+    if backend == "rtmidi" and not result.e2e_ms:
+        # python-rtmidi's JACK clients (one per port) now and then are never
+        # scheduled again: nothing comes back from coplayer (README, Latency
+        # through real ports).  Once more, with fresh processes; twice is a failure.
+        result = bench(notes=120, rates=(50,), backend=backend)
     figures = result.figures()
     assert set(figures) == {"e2e_p50_ms", "e2e_p99_ms", "e2e_max_ms", "floor_p50_ms", "floor_p99_ms", "notes",
                             "lost", "stuck", "max_notes_per_s", "jitter_ms", "floor_jitter_ms", "backend"}
