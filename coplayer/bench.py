@@ -188,8 +188,8 @@ class CoplayerProcess:
         return f"{self.name} {what}"
 
     def args(self) -> list[str]:
-        values = {"midi.api": "jack", "midi.backend": self.backend, "midi.client_name": self.name, "midi.virtual_input_name": self.short("in"),
-                  "mode": self.mode, "session.record": "false", "osc.in_port": self.osc_in,
+        values = {"midi.api": "jack", "midi.backend": self.backend, "midi.client_name": self.name,
+                  "midi.virtual_input_name": self.short("in"), "mode": self.mode, "session.record": "false", "osc.in_port": self.osc_in,
                   "osc.out_port": self.osc_out, **self.settings}
         sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
         return [sys.executable, "-m", "coplayer", "run", "--api", "jack", "--quiet", *sets]

@@ -257,7 +257,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--notes", type=int, default=2000, help="notes played at realistic densities (default 2000)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--png", metavar="PATH", help="write a histogram of both latency distributions")
-    p.add_argument("--backend", choices=["auto", "jack", "rtmidi"], default="auto",
+    from coplayer.io.real import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="the ports of every process: coplayer's JACK client or python-rtmidi (default: auto)")
 
 

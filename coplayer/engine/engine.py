@@ -420,12 +420,20 @@ class Engine:
     def _handle_here(self, data: Message, t_ns: int) -> None:
         """The callback of an input with its own thread: handle the message
         in that thread, in turn with the worker's items."""
+        self._do((data, t_ns))
+
+    def _do(self, item: tuple | _Call) -> None:
+        """Handle one message ``(data, t_ns)`` or run one call, holding
+        ``_work``: one at a time, whichever thread (worker or input) it is."""
         with self._work:
             self._working = threading.get_ident()
             try:
-                self._handle(data, t_ns)
-            except Exception as exc:  # the input's thread must survive any one message
-                self._worker_error(exc, (data, t_ns))
+                if item.__class__ is tuple:
+                    self._handle(*item)
+                else:
+                    item.fn(*item.args)
+            except Exception as exc:  # the thread must survive any one message
+                self._worker_error(exc, item)
             finally:
                 self._working = 0
 
@@ -440,7 +448,7 @@ class Engine:
 
     def _run(self) -> None:
         raise_priority(WORKER_RT_PRIORITY, "the engine's worker")
-        work, me = self._work, threading.get_ident()
+        work, do = self._work, self._do
         with work:
             self.decider.warm_up()  # here: timed at the worker's priority
         get, keep_warm, warm_s = self._queue.get, self.decider.keep_warm, self._warm_s
@@ -453,17 +461,7 @@ class Engine:
                 continue
             if item is _STOP:
                 return
-            with work:
-                self._working = me
-                try:
-                    if item.__class__ is tuple:
-                        self._handle(*item)
-                    else:
-                        item.fn(*item.args)
-                except Exception as exc:  # the worker must survive any one message
-                    self._worker_error(exc, item)
-                finally:
-                    self._working = 0
+            do(item)
 
     def _worker_error(self, exc: Exception, item: object) -> None:
         self.counts["errors"] += 1

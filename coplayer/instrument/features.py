@@ -127,7 +127,7 @@ class Featurizer:
         self._pending = (pitch, time)
         if not vector:
             return None
-        return self._vector(pitch, velocity, time, self.joins_chord(time))
+        return self.preview(pitch, velocity, time)
 
     def preview(self, pitch: int, velocity: int, time: float) -> np.ndarray:
         """The features ``note_on`` would give, with no state change at all

@@ -76,7 +76,7 @@ def _load() -> ctypes.CDLL:
                       "`pip install -e .` again); python-rtmidi's JACK ports still work")
         raise PortError(_lib_error)
     lib = ctypes.CDLL(str(found[0]))
-    c, i, i64, u64, p = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_char_p
+    c, i, i64, p = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_char_p
     sig = {
         "cp_open": (c, [p, p, i]),
         "cp_client_name": (p, [c]),
@@ -84,9 +84,6 @@ def _load() -> ctypes.CDLL:
         "cp_port_name": (p, [c, i]),
         "cp_send": (i, [c, i, p, i]),
         "cp_pending": (i, [c, i]),
-        "cp_cycles": (u64, [c]),
-        "cp_lost_in": (u64, [c]),
-        "cp_late_out": (u64, [c]),
         "cp_is_shutdown": (i, [c]),
         "cp_remove_port": (None, [c, i]),
         "cp_wait": (i, [c, ctypes.c_double]),
@@ -197,10 +194,6 @@ class _Client:
 
     def shutdown(self) -> bool:
         return self.handle is not None and bool(self.lib.cp_is_shutdown(self.handle))
-
-    def counters(self) -> dict[str, int]:
-        """Input messages lost (the reader fell behind), output messages delayed a cycle."""
-        return {"lost_in": self.lib.cp_lost_in(self.handle), "late_out": self.lib.cp_late_out(self.handle)}
 
     def _read(self) -> None:
         raise_priority(READER_RT_PRIORITY, "the JACK input reader")
