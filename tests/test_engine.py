@@ -373,6 +373,20 @@ def test_an_input_with_its_own_thread_is_handled_in_it_in_order():
     assert scorer.warmed > 0 and rig.all_silent()
 
 
+def test_a_message_from_the_inputs_own_thread_after_stop_sends_nothing():
+    """The JACK reader may still deliver a note-on while the engine stops:
+    once the notes are released, it is ignored, not left sounding."""
+    rig = Rig()
+    rig.input.own_thread = True
+    with rig:
+        rig.input.inject((ON, 76, 100))
+    calls, counts = rig.scorer.calls, dict(rig.engine.counts)
+    rig.engine._handle_here((ON, 40, 90), 0)  # as if delivered just after the input closed
+    assert rig.scorer.calls == calls and dict(rig.engine.counts) == counts  # not decided, not sent
+    assert rig.notes("coplayer bass") == []
+    assert rig.all_silent()
+
+
 def test_panic_releases_everything_and_later_note_offs_stay_quiet():
     with Rig() as rig:
         rig.send((ON, 76, 100), (ON, 40, 100), (CC, 64, 127))

@@ -366,8 +366,16 @@ class Engine:
             self.input.close()
         self._stop_responder()
         self._stop_worker(timeout)
-        self._closed = True
-        self._release_all()
+        # An input with its own thread may be handling a message still (its
+        # close does not wait for that thread, which serves other ports too):
+        # the notes are released after it, and it handles nothing after them.
+        got = self._work.acquire(timeout=timeout)
+        try:
+            self._closed = True
+            self._release_all()
+        finally:
+            if got:
+                self._work.release()
         for port in self.outputs.ports():
             port.close()  # note-offs for anything left, All Notes Off on each channel used
         if self.osc is not None:
@@ -426,6 +434,8 @@ class Engine:
         """Handle one message ``(data, t_ns)`` or run one call, holding
         ``_work``: one at a time, whichever thread (worker or input) it is."""
         with self._work:
+            if self._closed:
+                return
             self._working = threading.get_ident()
             try:
                 if item.__class__ is tuple:
