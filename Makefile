@@ -52,6 +52,7 @@ bench: $(BIN)/.dev
 	$(BIN)/python benchmarks/instrument_step.py
 	$(BIN)/python benchmarks/continue_speed.py
 	$(BIN)/python benchmarks/engine_throughput.py
+	$(BIN)/python benchmarks/step_gaps.py
 
 # Only the end-to-end tests through real JACK ports (`make test` runs them too).
 test-e2e: $(BIN)/.dev
