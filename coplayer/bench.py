@@ -302,6 +302,11 @@ class Peer:
         with self._lock:
             return [e for e in self.received if e[2] >= since_ns and (labels is None or e[0] in labels)]
 
+    def xruns(self) -> int | None:
+        """Xruns JACK has reported to this peer's client so far (None with
+        python-rtmidi, which cannot tell)."""
+        return self.out.xruns()
+
     def send(self, msg: Message) -> int:
         t = now_ns()
         self.out.send(msg)
@@ -514,6 +519,7 @@ class Result:
     backend: str = ""  # "jack" (coplayer's JACK client) or "rtmidi"
     sections: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # name: (e2e, floor)
     decision: tuple | None = None  # coplayer's own /coplayer/stats after the realistic notes: p50, p99, max ms, ...
+    xruns: int | None = None  # xruns JACK reported while the realistic notes played (None: cannot tell)
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -521,7 +527,7 @@ class Result:
                 "floor_p50_ms": round(f["p50"], 3), "floor_p99_ms": round(f["p99"], 3), "notes": self.notes,
                 "lost": self.lost, "stuck": self.stuck, "max_notes_per_s": self.max_notes_per_s,
                 "jitter_ms": round(e["p99"] - e["p50"], 3), "floor_jitter_ms": round(f["p99"] - f["p50"], 3),
-                "backend": self.backend}
+                "backend": self.backend, "xruns": self.xruns}
 
     def report(self) -> list[str]:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -540,6 +546,9 @@ class Result:
             f"({self.stuck_reported_off} of the stuck ended by coplayer, per its OSC feed: lost after it) "
             f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost})",
         ]
+        if self.xruns is not None:
+            lines.append(f"JACK xruns while the notes played: {self.xruns} "
+                         "(a client late in a cycle; JACK may drop MIDI in one)")
         if self.decision:
             lines.append(f"coplayer's own decision time (arrival stamp to send, {self.decision[3]} notes): "
                          f"p50 {self.decision[0]:.3f} ms, p99 {self.decision[1]:.3f} ms, max {self.decision[2]:.3f} ms")
@@ -550,28 +559,32 @@ class Result:
                              f"floor p50 {b['p50']:.3f} p99 {b['p99']:.3f} ms")
         for s in self.steps:
             lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
-                         f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms -> {'ok' if s['ok'] else 'FAIL'}")
+                         f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms"
+                         + (f", {s['xruns']} JACK xruns" if s.get("xruns") is not None else "")
+                         + f" -> {'ok' if s['ok'] else 'FAIL'}")
         lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s")
         return lines
 
 
-def _section(peer: Peer, schedule) -> tuple[list[tuple[int, Message]], list]:
-    """Play a schedule; (sent, what arrived meanwhile), after the stragglers."""
-    since = now_ns()
+def _section(peer: Peer, schedule) -> tuple[list[tuple[int, Message]], list, int | None]:
+    """Play a schedule; (sent, what arrived meanwhile after the stragglers,
+    JACK's xruns meanwhile or None if the backend cannot tell)."""
+    since, xruns = now_ns(), peer.xruns()
     sent = peer.play(schedule)
     peer.wait_quiet()
-    return sent, peer.events(since_ns=since)
+    after = peer.xruns()
+    return sent, peer.events(since_ns=since), None if xruns is None or after is None else after - xruns
 
 
 def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> dict:
     before = stats.fresh_stats()
-    sent, arrived = _section(peer, rate_steps(rate, STEP_S, rng))
+    sent, arrived, xruns = _section(peer, rate_steps(rate, STEP_S, rng))
     after = stats.fresh_stats()
     ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
     stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
-            "misses": misses,
+            "misses": misses, "xruns": xruns,
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 
@@ -603,7 +616,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         osc_from = len(stats.messages)
         starts: list[float] = []
         schedule = realistic(notes, rng, starts)
-        sent, arrived = _section(peer, schedule)
+        sent, arrived, xruns = _section(peer, schedule)
         e2e, lost, jack_lost = latencies(sent, arrived, (MERGED,))
         floor = match(sent, arrived, ("floor",))
         e2e_by, floor_by = (by_section(schedule, starts, match(sent, arrived, labels))
@@ -623,7 +636,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
             best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
                       list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
-                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision)
+                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns)
     finally:
         if peer is not None:
             peer.close()

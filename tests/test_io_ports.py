@@ -7,7 +7,9 @@ skip where no JACK server can start and fail instead when CI is set.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -513,6 +515,59 @@ def test_a_jack_input_tells_when_messages_wait_for_its_reader(jack_server):
         release.set()
         out.close()
         inp.close()
+
+
+def test_a_jack_port_counts_the_xruns_jack_reports(jack_server):
+    """A JACK client stopped for a moment is late in its cycles: JACK reports
+    xruns to every client, and the bench prints them beside its losses."""
+    Input, Output = _backend("jack")
+    out = Output("notes", virtual=True, client_name=_client_name("xr"))
+    late = subprocess.Popen(["jack_midi_dump"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # jack_midi_dump's client is up
+        before = out.xruns()
+        late.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        late.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 3
+        while out.xruns() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert out.xruns() > before
+    finally:
+        late.send_signal(signal.SIGCONT)
+        late.terminate()
+        late.wait(5)
+        out.close()
+    assert MemoryOutput("m").xruns() is None  # a backend that cannot tell says so
+
+
+def test_messages_dropped_while_the_jack_reader_is_stuck_are_reported_at_close(jack_server, caplog):
+    Input, Output = _backend("jack")
+    a, b = _client_name("da"), _client_name("db")
+    release, seen = threading.Event(), []
+
+    def stuck(data, t):
+        seen.append(data)
+        release.wait(10)
+
+    out = Output("notes", virtual=True, client_name=a)
+    inp = Input("listen", virtual=True, client_name=b, on_message=stuck)
+    subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
+    try:
+        out.send((0x90, 60, 1))
+        _wait_for(seen, 1)
+        for k in range(15000):  # more than the input ring holds (256 KiB, 19 bytes each)
+            out.send((0xA0, k % 128, 1))  # poly aftertouch: nothing left sounding
+        deadline = time.monotonic() + 5
+        while out._client_obj.lib.cp_pending(out._client_obj.handle, out._index) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        release.set()
+        out.close()
+        with caplog.at_level(logging.WARNING, logger="coplayer.io.jack_backend"):
+            inp.close()
+    assert any("were dropped" in r.getMessage() for r in caplog.records)
 
 
 def test_backend_choice():

@@ -263,8 +263,11 @@ def test_bench_measures_both_loops(backend):
         result = bench(notes=120, rates=(50,), backend=backend)
     figures = result.figures()
     assert set(figures) == {"e2e_p50_ms", "e2e_p99_ms", "e2e_max_ms", "floor_p50_ms", "floor_p99_ms", "notes",
-                            "lost", "stuck", "max_notes_per_s", "jitter_ms", "floor_jitter_ms", "backend"}
+                            "lost", "stuck", "max_notes_per_s", "jitter_ms", "floor_jitter_ms", "backend", "xruns"}
     assert figures["backend"] == backend
+    # coplayer's JACK client counts JACK's xruns; python-rtmidi cannot tell
+    assert (figures["xruns"] >= 0) if backend == "jack" else figures["xruns"] is None
+    assert all((s["xruns"] is None) == (backend == "rtmidi") for s in result.steps)
     n = figures["notes"]  # the sections round 120 down to whole chords
     assert 100 <= n <= 120 and len(result.e2e_ms) + result.lost + result.jack_lost == n
     assert len(result.floor_ms) + result.floor_lost + result.jack_lost == n

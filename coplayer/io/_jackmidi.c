@@ -88,6 +88,7 @@ static struct {
     size_t (*rb_write)(jack_ringbuffer_t *, const char *, size_t);
     size_t (*rb_write_space)(const jack_ringbuffer_t *);
     int (*rb_mlock)(jack_ringbuffer_t *);
+    int (*set_xrun_callback)(jack_client_t *, int (*)(void *), void *); /* optional */
 } J;
 
 static void *libjack;
@@ -152,6 +153,7 @@ static int load(char *err, int errlen) {
     SYM(rb_write_space, "jack_ringbuffer_write_space");
     SYM(rb_mlock, "jack_ringbuffer_mlock");
 #undef SYM
+    *(void **)(&J.set_xrun_callback) = dlsym(h, "jack_set_xrun_callback");
     libjack = h;
     return 0;
 }
@@ -190,6 +192,7 @@ typedef struct {
     volatile uint64_t cycles;
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
+    volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
     volatile int shutdown;
     volatile int64_t idle_ns;     /* post an idle tick after this long without input (0: never) */
     int64_t last_post_ns;         /* start of the cycle that last posted (input or tick) */
@@ -264,6 +267,13 @@ static int process(jack_nframes_t nframes, void *arg) {
     return 0;
 }
 
+/* JACK's notification thread, not the real-time one. */
+static int on_xrun(void *arg) {
+    cp_client *c = arg;
+    __sync_fetch_and_add(&c->xruns, 1);
+    return 0;
+}
+
 static void on_shutdown(void *arg) {
     cp_client *c = arg;
     c->shutdown = 1;
@@ -292,6 +302,7 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
     sem_init(&c->ready, 0, 0);
     J.set_process_callback(c->client, process, c);
     J.on_shutdown(c->client, on_shutdown, c);
+    if (J.set_xrun_callback) J.set_xrun_callback(c->client, on_xrun, c);
     if (J.activate(c->client)) {
         snprintf(err, errlen, "cannot activate the JACK client %s", name);
         J.client_close(c->client);
@@ -350,6 +361,7 @@ int cp_pending(cp_client *c, int i) { return (int)J.rb_read_space(c->ports[i].ri
 uint64_t cp_cycles(cp_client *c) { return c->cycles; }
 uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
 uint64_t cp_late_out(cp_client *c) { return c->late_out; }
+uint64_t cp_xruns(cp_client *c) { return c->xruns; }
 int cp_is_shutdown(cp_client *c) { return c->shutdown; }
 
 /* Until two more cycles have ended (a callback that saw the old state has

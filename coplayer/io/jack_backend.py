@@ -95,6 +95,8 @@ def _load() -> ctypes.CDLL:
         "cp_list_ports": (i, [c, i, p, i]),
         "cp_close": (None, [c]),
         "cp_now_ns": (i64, []),
+        "cp_xruns": (ctypes.c_uint64, [c]),
+        "cp_lost_in": (ctypes.c_uint64, [c]),
     }
     for name, (res, args) in sig.items():
         try:
@@ -170,11 +172,23 @@ class _Client:
         if last:
             _release_if_unused(self)
 
+    def xruns(self) -> int:
+        """Xruns JACK reported since the client opened (any client late in a
+        cycle; MIDI on its way through the graph may be lost in one)."""
+        return int(self.lib.cp_xruns(self.handle)) if self.handle is not None else 0
+
     def close(self) -> None:
         self._stop = True
         self.lib.cp_wake(self.handle)
         if self._reader is not threading.current_thread():
             self._reader.join()
+        lost = int(self.lib.cp_lost_in(self.handle))
+        if lost:
+            log.warning("%d MIDI message(s) into JACK client %s were dropped: its reader fell behind", lost, self.name)
+        xruns = self.xruns()
+        if xruns:
+            log.debug("JACK reported %d xrun(s) while client %s ran (MIDI in the graph may be lost in one)",
+                     xruns, self.name)
         self.lib.cp_close(self.handle)
         self.handle = None
 
@@ -271,6 +285,10 @@ class _JackPort:
     def lost(self) -> str | None:
         client = self._client_obj
         return "the JACK server shut down" if client is not None and client.shutdown() else None
+
+    def xruns(self) -> int | None:
+        client = self._client_obj
+        return client.xruns() if client is not None else None
 
     def _open_jack(self, kind: str, virtual: bool, client_name: str, own_name: str | None) -> None:
         client = _client(client_name)

@@ -191,6 +191,12 @@ class BasePort:
         away), or None while it works.  Backends that can tell override it."""
         return None
 
+    def xruns(self) -> int | None:
+        """Xruns the MIDI server reported since this port's client opened
+        (messages in the graph may be lost in one), or None if the backend
+        cannot tell."""
+        return None
+
     def __enter__(self):
         return self
 
