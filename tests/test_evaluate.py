@@ -168,6 +168,18 @@ def test_unisons_are_scored_as_a_set():
     assert sorted(doubled[:2].tolist()) == [1, 1] and (doubled == labels).sum() == 2
 
 
+def test_accuracy_by_onset_size_and_arrival():
+    """Protocol (a) plays a chord's notes lowest first: an always-bass scorer
+    gets the first of the four right and the rest wrong, the lone note wrong."""
+    chord = [Note(p, 80, 0.0, 1.0, 0.0, 1.0, part) for p, part in zip((72, 67, 64, 48), SATB)]
+    score = Score(notes=chord + [Note(74, 80, 1.0, 1.0, 1.0, 1.0, "soprano")], parts=list(SATB))
+    result = evaluate(lambda: Always("bass"), [score], "a", seed=0, fair_unisons=False)
+    assert result.by_arrival == {(4, 0): [1, 1], (4, 1): [0, 1], (4, 2): [0, 1], (4, 3): [0, 1], (1, 0): [0, 1]}
+    text = format_table([result])
+    assert "4+ notes  1st 100.00% (0 wrong of 1), 2nd 0.00% (1 wrong of 1)" in text
+    assert {"onset_size": 1, "arrival": 0, "correct": 0, "notes": 1} in result.to_row()["by_arrival"]
+
+
 def test_table_shows_published_figures_beside_ours():
     k = np.diag([5, 5, 5, 5])
     results = [Result("zone", p, SATB, k.copy(), pieces=1) for p in "ab"]

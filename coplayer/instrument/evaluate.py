@@ -47,6 +47,10 @@ class Result:
     pieces: int = 0
     unlabelled: int = 0  # notes of parts the scorer does not know (not counted)
     piece_accuracy: list[float] = field(default_factory=list)
+    # (onset size, arrival) -> [correct, notes]: size is how many notes share
+    # the note's written onset (capped at MAX_GROUP), arrival its place among
+    # them as played (0: first).  Protocol (b) loses most on early arrivals.
+    by_arrival: dict[tuple[int, int], list[int]] = field(default_factory=dict)
 
     @property
     def notes(self) -> int:
@@ -78,7 +82,12 @@ class Result:
             "per_part": {p: round(a, 6) for p, a in self.per_part.items()},
             "parts": list(self.parts),
             "confusion": self.confusion.tolist(),
+            "by_arrival": [{"onset_size": k[0], "arrival": k[1], "correct": v[0], "notes": v[1]}
+                           for k, v in sorted(self.by_arrival.items())],
         }
+
+
+MAX_GROUP = 4  # onsets of more notes are counted with the four-note ones
 
 
 def piece_seed(seed: int, index: int) -> np.random.Generator:
@@ -89,19 +98,32 @@ def piece_seed(seed: int, index: int) -> np.random.Generator:
 def decide_piece(instrumenter: Instrumenter, score: Score, protocol: str,
                  rng: np.random.Generator, *, fair_unisons: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Play one piece through the instrumenter: (true, predicted) part indices."""
+    labels, predicted, _arrival = _decide(instrumenter, score, protocol, rng, fair_unisons)
+    return labels, predicted
+
+
+def _decide(instrumenter: Instrumenter, score: Score, protocol: str, rng: np.random.Generator,
+            fair_unisons: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`decide_piece`, plus each note's arrival among the notes of its
+    written onset (0: the first played)."""
     perf = perform(score, list(instrumenter.parts), protocol, rng)
     predicted = np.full(len(score.notes), -1, dtype=np.int64)
+    arrival = np.zeros(len(score.notes), dtype=np.int64)
+    arrived: Counter = Counter()
+    onsets = [round(n.onset_beats, 6) for n in score.notes]
     instrumenter.reset()
     for ev in perf.events:
         pitch = int(perf.pitches[ev.index])
         if ev.on:
             decision = instrumenter.note_on(pitch, int(perf.velocities[ev.index]), ev.time)
             predicted[ev.index] = decision.part
+            arrival[ev.index] = arrived[onsets[ev.index]]
+            arrived[onsets[ev.index]] += 1
         else:
             instrumenter.note_off(pitch, ev.time)
     if fair_unisons:
         predicted = match_unisons(score, perf.labels, predicted)
-    return perf.labels, predicted
+    return perf.labels, predicted, arrival
 
 
 def match_unisons(score: Score, labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -149,10 +171,15 @@ def evaluate(scorer_factory: Callable[[], Scorer | Instrumenter], scores: Sequen
     result = Result(model or type(instrumenter.scorer).__name__, protocol,
                     instrumenter.parts, np.zeros((k, k), dtype=np.int64))
     for i, score in enumerate(scores):
-        labels, predicted = decide_piece(instrumenter, score, protocol, piece_seed(seed, i),
-                                         fair_unisons=fair_unisons)
+        labels, predicted, arrival = _decide(instrumenter, score, protocol, piece_seed(seed, i), fair_unisons)
         known = labels >= 0
         np.add.at(result.confusion, (labels[known], predicted[known]), 1)
+        size = Counter(round(n.onset_beats, 6) for n in score.notes)
+        for j in np.flatnonzero(known):
+            key = (min(size[round(score.notes[j].onset_beats, 6)], MAX_GROUP), min(int(arrival[j]), MAX_GROUP - 1))
+            counts = result.by_arrival.setdefault(key, [0, 0])
+            counts[0] += int(labels[j] == predicted[j])
+            counts[1] += 1
         result.unlabelled += int((~known).sum())
         result.pieces += 1
         if known.any():
@@ -219,7 +246,28 @@ def format_table(results: Sequence[Result]) -> str:
                   f" in {r.pieces} pieces"]
         lines.append("  per part: " + ", ".join(f"{p} {_pct(a).strip()}%" for p, a in r.per_part.items()))
         lines.append(_confusion_text(r))
+        lines += _arrival_text(r)
     return "\n".join(lines)
+
+
+def _arrival_text(r: Result) -> list[str]:
+    """Accuracy by how many notes share the onset and which of them came first."""
+    if not r.by_arrival:
+        return []
+    lines = ["  by onset size and arrival (notes sharing a written onset; 1st = first played):"]
+    for size in sorted({k[0] for k in r.by_arrival}):
+        cells = []
+        for pos in range(size):
+            correct, n = r.by_arrival.get((size, pos), (0, 0))
+            if n:
+                cells.append(f"{pos + 1}{_ORDINAL.get(pos + 1, 'th')} {_pct(correct / n).strip()}% "
+                             f"({n - correct} wrong of {n})")
+        label = f"{size}+ notes" if size == MAX_GROUP else f"{size} note{'s' if size > 1 else ''}"
+        lines.append(f"    {label:<9} " + ", ".join(cells))
+    return lines
+
+
+_ORDINAL = {1: "st", 2: "nd", 3: "rd"}
 
 
 def _confusion_text(r: Result) -> str:
