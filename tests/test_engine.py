@@ -553,6 +553,60 @@ def test_a_rest_keeps_the_model_warm_unless_switched_off(keep_warm_ms):
     assert (scorer.warmed > 5) if keep_warm_ms else (scorer.warmed == 0)
 
 
+def test_keep_warm_stops_after_a_long_rest_and_resumes_with_the_next_note():
+    scorer = WarmedScorer()
+    with Rig("latency.keep_warm_ms=2", "latency.keep_warm_for_s=0.1", scorer=scorer) as rig:
+        rig.send((ON, 76, 100), (OFF, 76, 0))
+        time.sleep(0.3)
+        rested = scorer.warmed
+        assert rested > 5  # warm through the first 0.1 s of the rest
+        time.sleep(0.2)
+        assert scorer.warmed == rested  # then nothing: a long rest costs nothing
+        rig.send((ON, 40, 90), (OFF, 40, 0))
+        time.sleep(0.05)
+        assert scorer.warmed > rested
+        assert rig.notes("coplayer bass") == [(0x93, 40, 90), (0x83, 40, 0)]
+
+
+def test_under_jack_the_idle_ticks_stop_after_a_long_rest_and_resume_with_the_next_note(jack_server):
+    """The same with coplayer's JACK input, whose idle ticks (not the worker)
+    keep the model warm: they are switched off and on again."""
+    import os
+    import subprocess
+
+    from coplayer.io import jack_backend
+
+    if not jack_backend.available():
+        pytest.skip("coplayer's JACK client is not built (no C compiler at install time)")
+    scorer = WarmedScorer()
+    cfg = config("latency.keep_warm_ms=2", "latency.keep_warm_for_s=0.1")
+    name = f"cpwarm{os.getpid()}"
+    inp = jack_backend.JackInput("in", virtual=True, client_name=name)
+    out = jack_backend.JackOutput("play", virtual=True, client_name=name + "p")
+    subprocess.run(["jack_connect", f"{name}p:play", f"{name}:in"], check=True, timeout=10)
+    ports = MemoryPorts()
+    engine = Engine(cfg, open_outputs(cfg, ports), Instrumenter(scorer), input=inp).start()
+    try:
+        assert engine._warm_s is None  # the input's ticks do it
+        out.send((ON, 76, 100))
+        out.send((OFF, 76, 0))
+        time.sleep(0.3)
+        rested = scorer.warmed
+        assert rested > 5
+        time.sleep(0.2)
+        assert scorer.warmed == rested
+        out.send((ON, 40, 90))
+        out.send((OFF, 40, 0))
+        time.sleep(0.05)
+        assert scorer.warmed > rested
+    finally:
+        engine.stop()
+        inp.close()
+        out.close()
+    assert [m for m in ports.hub.output("coplayer bass").sent() if m[0] & 0xF0 in (ON, OFF)] == [
+        (0x93, 40, 90), (0x83, 40, 0)]
+
+
 def test_an_exception_in_the_worker_is_logged_and_the_engine_goes_on(caplog):
     with Rig(scorer=RuleScorer(fail_on=61)) as rig:
         with caplog.at_level(logging.ERROR):

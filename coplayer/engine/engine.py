@@ -318,6 +318,11 @@ class Engine:
         self._work = threading.Lock()  # one message or item at a time: the worker's, or the input's own thread's
         self._working = 0  # threading.get_ident() of the thread holding _work
         self._warm_s: float | None = None  # the worker's keep-warm period (None: the input's idle ticks do it)
+        # Keep-warm runs only this long after the last message played in: a
+        # long rest costs no processor time (the next note may then be slower).
+        self._warm_for_ns = round(cfg.latency.keep_warm_for_s * 1e9)
+        self._last_in_ns = now()
+        self._ticks_off = False  # the input's idle ticks were switched off for a long rest
         self._closed = False
         self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
         self.notes_out: Counter = Counter()  # notes sent per part
@@ -428,6 +433,9 @@ class Engine:
     def _handle_here(self, data: Message, t_ns: int) -> None:
         """The callback of an input with its own thread: handle the message
         in that thread, in turn with the worker's items."""
+        if self._ticks_off:  # playing again after a long rest: keep warm again
+            self._ticks_off = False
+            self.input.set_idle(self._warm_here, self.cfg.latency.keep_warm_ms / 1e3)
         self._do((data, t_ns))
 
     def _do(self, item: tuple | _Call) -> None:
@@ -447,9 +455,18 @@ class Engine:
             finally:
                 self._working = 0
 
+    def _resting(self) -> bool:
+        """Nothing played in for longer than ``latency.keep_warm_for_s``."""
+        return self._now() - self._last_in_ns > self._warm_for_ns
+
     def _warm_here(self) -> None:
         """The input's idle tick (BaseInput.set_idle): a keep-warm step,
-        skipped if the worker is busy."""
+        skipped if the worker is busy; after a long rest the ticks stop
+        until the next message (``_handle_here``)."""
+        if self._resting():
+            self._ticks_off = True
+            self.input.set_idle(None, 0.0)
+            return
         if self._work.acquire(blocking=False):
             try:
                 self.decider.keep_warm()
@@ -461,10 +478,10 @@ class Engine:
         work, do = self._work, self._do
         with work:
             self.decider.warm_up()  # here: timed at the worker's priority
-        get, keep_warm, warm_s = self._queue.get, self.decider.keep_warm, self._warm_s
+        get, keep_warm, warm_s, resting = self._queue.get, self.decider.keep_warm, self._warm_s, self._resting
         while True:
             try:
-                item = get(timeout=warm_s)
+                item = get(timeout=None if warm_s is None or resting() else warm_s)
             except queue.Empty:  # a rest: keep the model warm for the next note
                 with work:
                     keep_warm()
@@ -482,6 +499,7 @@ class Engine:
                       type(exc).__name__, exc, what, n, exc_info=n == 1)
 
     def _handle(self, data: Message, t_ns: int) -> None:
+        self._last_in_ns = t_ns
         if self.guard is not None and self.guard.is_echo(data, t_ns, self._holds):
             return self._feedback()
         status = data[0]
