@@ -607,6 +607,35 @@ def test_under_jack_the_idle_ticks_stop_after_a_long_rest_and_resume_with_the_ne
         (0x93, 40, 90), (0x83, 40, 0)]
 
 
+def test_a_note_is_sent_before_its_decision_becomes_history():
+    """The featurizer's bookkeeping (Instrumenter.commit) runs after the send,
+    and runs even if the send fails: the next note is decided as usual."""
+    with Rig(scorer=RuleScorer()) as rig:
+        featurizer = rig.engine.decider.model.featurizer
+        port = rig.port("coplayer soprano")
+        pending_at_send, send = [], port.send
+
+        def spy(msg):
+            if msg[0] & 0xF0 == ON:
+                pending_at_send.append(featurizer._pending is not None)
+            return send(msg)
+
+        port.send = spy
+        rig.send((ON, 76, 100), (OFF, 76, 0))
+        assert pending_at_send == [True] and featurizer._pending is None
+        assert featurizer.last_pitches()[0] == 76
+
+        def broken(msg):
+            raise RuntimeError("the port broke")
+
+        port.send = broken
+        rig.send((ON, 77, 100))  # the engine logs the error and goes on
+        port.send = send
+        rig.send((OFF, 77, 0), (ON, 79, 100), (OFF, 79, 0))
+        assert featurizer._pending is None and featurizer.last_pitches()[0] == 79
+        assert rig.notes("coplayer soprano")[-2:] == [(0x90, 79, 100), (0x80, 79, 0)]
+
+
 def test_an_exception_in_the_worker_is_logged_and_the_engine_goes_on(caplog):
     with Rig(scorer=RuleScorer(fail_on=61)) as rig:
         with caplog.at_level(logging.ERROR):

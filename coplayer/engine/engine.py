@@ -162,6 +162,7 @@ class Decider:
     steps: _StepTimes = field(default_factory=_StepTimes)
     broken: bool = False
     _pending: tuple | None = None
+    _deciding: "Instrumenter | None" = None  # decided the last note; its history waits for commit()
 
     def warm_up(self) -> None:
         """Time a few model steps (then forget them) to seed the estimate."""
@@ -187,13 +188,18 @@ class Decider:
                 log.debug("keep-warm step failed: %s", exc)
 
     def decide(self, pitch: int, velocity: int, t_ns: int) -> tuple[str, bool]:
-        """(part name, whether the fallback chose) for a note-on received at ``t_ns``."""
+        """(part name, whether the fallback chose) for a note-on received at
+        ``t_ns``; :meth:`commit` follows after the send (here, if a caller
+        did not)."""
+        if self._deciding is not None or self._pending is not None:
+            self.commit()
         time_s = (t_ns - self.t0_ns) / 1e9
         if self.fallback is not None and (self.broken or self._late(t_ns)):
             return self._fall_back(pitch, velocity, time_s), True
         start = self.now()
         try:
-            part = self.model.note_on(pitch, velocity, time_s).name
+            part = self.model.decide(pitch, velocity, time_s).name
+            self._deciding = self.model
         except Exception as exc:
             _unwedge(self.model)
             if self.fallback is None:
@@ -217,18 +223,24 @@ class Decider:
 
     def _fall_back(self, pitch: int, velocity: int, time_s: float) -> str:
         self.misses += 1
-        part = self.fallback.note_on(pitch, velocity, time_s).name
+        part = self.fallback.decide(pitch, velocity, time_s).name
+        self._deciding = self.fallback
         if not self.broken:
             self._pending = (self.model, pitch, velocity, time_s, part)
         return part
 
     def commit(self, idle: bool = True) -> None:
-        """Record the last decision into the other instrumenter (after the send).
+        """After the send: make the last decision history in the instrumenter
+        that decided (:meth:`Instrumenter.commit`), then record it into the
+        other one.
 
         The model hears a note the fallback routed (its state then misses
         none) only when nothing waits in the queue (``idle``): a model that
         was too slow must not delay the next note again.
         """
+        deciding, self._deciding = self._deciding, None
+        if deciding is not None:  # the decider's own history first: the note is out
+            deciding.commit()
         pending, self._pending = self._pending, None
         if pending is not None:
             inst, pitch, velocity, time_s, part = pending
@@ -527,16 +539,18 @@ class Engine:
             return self._note_off(data, channel, t_ns)
         pitch, velocity = data[1], data[2]
         part, _ = self.decider.decide(pitch, velocity, t_ns)
-        if self.responder is not None:  # first: it releases an answer's note of this part and pitch
-            self.responder.note_on(pitch, velocity, part, t_ns)
-        target = self._note_target(part)
-        held = self.router.note_on(channel, pitch, target, self._audible(target))
-        if held.sounded:
-            self._catch_up(channel, target)
-            self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
-        self._latency(self._now() - t_ns)
-        self.recorder.message(None, data, t_ns)  # after the send, as everything below
-        self.decider.commit(idle=self._queue.empty() and not (self.input is not None and self.input.waiting()))
+        try:
+            if self.responder is not None:  # first: it releases an answer's note of this part and pitch
+                self.responder.note_on(pitch, velocity, part, t_ns)
+            target = self._note_target(part)
+            held = self.router.note_on(channel, pitch, target, self._audible(target))
+            if held.sounded:
+                self._catch_up(channel, target)
+                self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
+            self._latency(self._now() - t_ns)
+            self.recorder.message(None, data, t_ns)  # after the send, as everything below
+        finally:  # the decision becomes history even if the send failed
+            self.decider.commit(idle=self._queue.empty() and not (self.input is not None and self.input.waiting()))
 
     def _note_target(self, part: str) -> Target:
         if self.mode == "respond" and self.outputs.thru is not None:

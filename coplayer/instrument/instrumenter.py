@@ -92,8 +92,10 @@ class Instrumenter:
     def reset(self) -> None:
         self.featurizer.reset()
         self.scorer.reset()
+        self._open = None
         self._sounding: dict[int, list[int]] = {}  # pitch -> parts it was routed to, oldest first
         self._chord_parts: set[int] = set()  # parts routed in the current chord
+        self._open: tuple[int, int] | None = None  # (pitch, part) decided, not yet committed
 
     def note_on(self, pitch: int, velocity: int, time: float, force: int | None = None,
                 listen: bool = True) -> Decision:
@@ -105,6 +107,17 @@ class Instrumenter:
         forced note (a stateful model then misses none) unless ``listen`` is
         false: a caller short of time records the decision alone.
         """
+        decision = self.decide(pitch, velocity, time, force, listen)
+        self.commit()
+        return decision
+
+    def decide(self, pitch: int, velocity: int, time: float, force: int | None = None,
+               listen: bool = True) -> Decision:
+        """:meth:`note_on` up to the decision: the live engine sends the note
+        first and then calls :meth:`commit` (the history's bookkeeping), which
+        must come before the next note."""
+        if self._open is not None:
+            raise RuntimeError("decide() twice without commit()")
         if not self.featurizer.joins_chord(time):
             self._chord_parts = set()
         feats = self.featurizer.note_on(pitch, velocity, time, vector=self._vector)
@@ -114,10 +127,17 @@ class Instrumenter:
         else:
             scores = np.where(np.arange(len(self.parts)) == force, 0.0, -np.inf)
         part = int(np.argmax(scores)) if force is None else force
+        self._open = (pitch, part)
+        return Decision(part, self.parts[part], scores)
+
+    def commit(self) -> None:
+        """Make the last :meth:`decide` history (nothing if there is none)."""
+        if self._open is None:
+            return
+        (pitch, part), self._open = self._open, None
         self.featurizer.commit(part)
         self._sounding.setdefault(pitch, []).append(part)
         self._chord_parts.add(part)
-        return Decision(part, self.parts[part], scores)
 
     def warm(self, time: float) -> None:
         """Run the decision's code on a dummy note and forget it: nothing
