@@ -161,7 +161,7 @@ def train(args: argparse.Namespace) -> Path:
     rng = np.random.default_rng(args.seed)
     train_scores, valid_scores = load_split("train"), load_split("valid")
     spec = FeatureSpec(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion,
-                       exact_flag=args.exact_flag)
+                       exact_flag=args.exact_flag, pc_context=args.pc_context)
     n_features = Featurizer(spec).size
     sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
     if args.init:
@@ -236,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add each part's last melodic step (FeatureSpec.motion)")
     p.add_argument("--exact-flag", action=argparse.BooleanOptionalAction, default=True,
                    help="flag exactly simultaneous onsets (FeatureSpec.exact_flag)")
+    p.add_argument("--pc-context", action=argparse.BooleanOptionalAction, default=False,
+                   help="add the pitch classes of the last notes, relative to each note's (FeatureSpec.pc_context)")
     p.add_argument("--pct-start", type=float, default=0.1, help="share of steps warming the learning rate up")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N epochs of the --epochs schedule (a first stage before annealing)")

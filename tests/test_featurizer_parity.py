@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from coplayer.data.corpus import SATB
-from coplayer.instrument.features import CHORD_NOTES, Featurizer, FeatureSpec
+from coplayer.instrument.features import CHORD_NOTES, PC_NOTES, Featurizer, FeatureSpec
 from coplayer.instrument.instrumenter import Instrumenter
 from coplayer.instrument.protocols import perform
 
@@ -45,7 +45,7 @@ def test_training_and_runtime_features_are_identical(protocol):
     from models.instrument import InstrumentLSTM
     from models.train_instrument import rollout
 
-    spec = FeatureSpec(n_parts=4, resort_chords=True, motion=True, exact_flag=True)
+    spec = FeatureSpec(n_parts=4, resort_chords=True, motion=True, exact_flag=True, pc_context=True)
     score = load_split("test")[3]
     perf = perform(score, list(SATB), protocol, np.random.default_rng(5))
     torch.manual_seed(0)
@@ -76,3 +76,18 @@ def test_a_chord_holds_at_most_chord_notes():
         sizes.append(len(f._chord))
     assert max(sizes) == CHORD_NOTES
     assert sizes[CHORD_NOTES] == 1  # the next note starts a new chord
+
+
+def test_the_harmonic_context_counts_recent_pitch_classes_relative_to_the_note():
+    f = Featurizer(FeatureSpec(n_parts=4, pc_context=True))
+    names = f.feature_names()
+    for i, pitch in enumerate([48, 64, 67, 72]):  # C E G C
+        f.note_on(pitch, 80, float(i))
+        f.commit(3 - i)
+    context = dict(zip(names, f.preview(62, 80, 4.0)))  # D: C is 10 above mod 12, E 2, G 5
+    assert [context[f"pc+{r}"] * PC_NOTES for r in range(12)] == [0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 2, 0]
+    for i in range(PC_NOTES):
+        f.note_on(62, 80, 5.0 + i)
+        f.commit(0)
+    assert dict(zip(names, f.preview(62, 80, 30.0)))["pc+0"] == 1.0  # only the last PC_NOTES count
+    assert len(Featurizer(FeatureSpec(n_parts=4)).feature_names()) == len(names) - 12

@@ -34,6 +34,7 @@ MAX_CHORD = 4
 # does not make every note's work grow with it.  No chorale reaches it.
 CHORD_NOTES = 12
 EXACT_S = 1e-4  # onsets closer than this are simultaneous as written, not as played
+PC_NOTES = 16  # FeatureSpec.pc_context: how many recent notes make the harmonic context
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class FeatureSpec:
     # time, in file order; a person's chord never does (a MIDI note-on alone
     # takes ~1 ms on the wire).  A flag lets one model serve both.
     exact_flag: bool = False
+    # Harmony, in any key: how many of the last PC_NOTES notes lie each
+    # number of semitones (mod 12) above this note's pitch class.
+    pc_context: bool = False
     version: int = FEATURIZER_VERSION
 
     def to_dict(self) -> dict:
@@ -103,6 +107,7 @@ class Featurizer:
         self._chord_notes: list[list] = []  # [pitch, believed part, time] of the current chord
         self._before: list[tuple] = []  # each part's (last_pitch, prev_pitch, last_onset) at chord start
         self._pending: tuple[int, float] | None = None  # (pitch, time) awaiting commit
+        self._recent_pc: deque[int] = deque(maxlen=PC_NOTES)  # pitch classes of the last notes
 
     # -- the note stream -------------------------------------------------
 
@@ -148,6 +153,7 @@ class Featurizer:
                 s.chord_pitch = None
         self._chord.append(pitch)
         self._chord_notes.append([pitch, part, time])
+        self._recent_pc.append(pitch % 12)
         self._parts[part].held += 1
         self._held.setdefault(pitch, deque()).append(part)
         if self.spec.resort_chords and len(self._chord_notes) > 1:
@@ -216,6 +222,8 @@ class Featurizer:
             names += [f"p{k}.|interval|<={e}" for e in INTERVAL_EDGES] + [f"p{k}.|interval|>12"]
             if self.spec.motion:
                 names += [f"p{k}.motion"]
+        if self.spec.pc_context:
+            names += [f"pc+{r}" for r in range(12)]
         return names
 
     def _vector(self, pitch: int, velocity: int, time: float, in_chord: bool) -> np.ndarray:
@@ -244,6 +252,12 @@ class Featurizer:
             if self.spec.motion:
                 moved = s.last_pitch is not None and s.prev_pitch is not None
                 v.append(max(-12, min(12, s.last_pitch - s.prev_pitch)) / 12.0 if moved else 0.0)
+        if self.spec.pc_context:
+            counts = [0.0] * 12
+            pc = pitch % 12
+            for q in self._recent_pc:
+                counts[(q - pc) % 12] += 1.0 / PC_NOTES
+            v += counts
         return np.asarray(v, dtype=np.float32)
 
     @staticmethod
