@@ -263,7 +263,8 @@ def test_bench_measures_both_loops(backend):
         result = bench(notes=120, rates=(50,), backend=backend)
     figures = result.figures()
     assert set(figures) == {"e2e_p50_ms", "e2e_p99_ms", "e2e_max_ms", "floor_p50_ms", "floor_p99_ms", "notes",
-                            "lost", "stuck", "max_notes_per_s", "jitter_ms", "floor_jitter_ms", "backend", "xruns"}
+                            "lost", "stuck", "max_notes_per_s", "jitter_ms", "floor_jitter_ms", "backend", "xruns",
+                            "max_lossless_notes_per_s"}
     assert figures["backend"] == backend
     # coplayer's JACK client counts JACK's xruns; python-rtmidi cannot tell
     assert (figures["xruns"] >= 0) if backend == "jack" else figures["xruns"] is None
@@ -273,3 +274,6 @@ def test_bench_measures_both_loops(backend):
     assert len(result.floor_ms) + result.floor_lost + result.jack_lost == n
     assert 0 < figures["floor_p50_ms"] and 0 < figures["e2e_p50_ms"]
     assert [s["rate"] for s in result.steps] == [50]
+    step = result.steps[0]
+    assert figures["max_notes_per_s"] == (50 if step["ok"] else 0)
+    assert figures["max_lossless_notes_per_s"] == (0 if step["lost"] or step["stuck"] else 50)
