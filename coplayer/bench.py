@@ -189,8 +189,8 @@ class CoplayerProcess:
 
     def args(self) -> list[str]:
         values = {"midi.api": "jack", "midi.backend": self.backend, "midi.client_name": self.name,
-                  "midi.virtual_input_name": self.short("in"), "mode": self.mode, "session.record": "false", "osc.in_port": self.osc_in,
-                  "osc.out_port": self.osc_out, **self.settings}
+                  "midi.virtual_input_name": self.short("in"), "mode": self.mode, "session.record": "false",
+                  "osc.in_port": self.osc_in, "osc.out_port": self.osc_out, **self.settings}
         sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
         return [sys.executable, "-m", "coplayer", "run", "--api", "jack", "--quiet", *sets]
 
@@ -411,7 +411,8 @@ def realistic(total: int, rng: random.Random, starts: list[float] | None = None)
     return sorted(sections, key=lambda e: e[0])
 
 
-def by_section(schedule: list[tuple[float, Message]], starts: list[float], ms: dict[int, float]) -> dict[str, list[float]]:
+def by_section(schedule: list[tuple[float, Message]], starts: list[float],
+               ms: dict[int, float]) -> dict[str, list[float]]:
     """The latencies ``ms`` ({index in ``schedule``: ms}) of each section of :func:`realistic`."""
     out: dict[str, list[float]] = {name: [] for name in SECTIONS}
     for i, value in ms.items():

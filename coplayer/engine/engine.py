@@ -334,6 +334,7 @@ class Engine:
         # long rest costs no processor time (the next note may then be slower).
         self._warm_for_ns = round(cfg.latency.keep_warm_for_s * 1e9)
         self._last_in_ns = now()
+        self._tick_s = 0.0  # the period of the input's idle ticks, when they keep the model warm
         self._ticks_off = False  # the input's idle ticks were switched off for a long rest
         self._closed = False
         self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
@@ -359,7 +360,7 @@ class Engine:
         self._program_changes()
         warm_s = self.cfg.latency.keep_warm_ms / 1e3
         if self.input is not None and self.input.own_thread and warm_s and self.input.set_idle(self._warm_here, warm_s):
-            warm_s = 0.0  # the input's idle ticks keep the model warm, never as a note comes
+            self._tick_s, warm_s = warm_s, 0.0  # the input's idle ticks keep the model warm, never as a note comes
         self._warm_s = warm_s or None
         self._thread = threading.Thread(target=self._run, name="coplayer-engine", daemon=True)
         self._thread.start()
@@ -447,7 +448,7 @@ class Engine:
         in that thread, in turn with the worker's items."""
         if self._ticks_off:  # playing again after a long rest: keep warm again
             self._ticks_off = False
-            self.input.set_idle(self._warm_here, self.cfg.latency.keep_warm_ms / 1e3)
+            self.input.set_idle(self._warm_here, self._tick_s)
         self._do((data, t_ns))
 
     def _do(self, item: tuple | _Call) -> None:

@@ -98,17 +98,18 @@ def piece_seed(seed: int, index: int) -> np.random.Generator:
 def decide_piece(instrumenter: Instrumenter, score: Score, protocol: str,
                  rng: np.random.Generator, *, fair_unisons: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Play one piece through the instrumenter: (true, predicted) part indices."""
-    labels, predicted, _arrival = _decide(instrumenter, score, protocol, rng, fair_unisons)
+    labels, predicted, _places = _decide(instrumenter, score, protocol, rng, fair_unisons)
     return labels, predicted
 
 
 def _decide(instrumenter: Instrumenter, score: Score, protocol: str, rng: np.random.Generator,
-            fair_unisons: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`decide_piece`, plus each note's arrival among the notes of its
-    written onset (0: the first played)."""
+            fair_unisons: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """:func:`decide_piece`, plus each note's place, the key of
+    :attr:`Result.by_arrival`: (how many notes share its written onset,
+    its arrival among them; 0: the first played), both capped."""
     perf = perform(score, list(instrumenter.parts), protocol, rng)
     predicted = np.full(len(score.notes), -1, dtype=np.int64)
-    arrival = np.zeros(len(score.notes), dtype=np.int64)
+    arrival = [0] * len(score.notes)
     arrived: Counter = Counter()
     onsets = [round(n.onset_beats, 6) for n in score.notes]
     instrumenter.reset()
@@ -123,7 +124,9 @@ def _decide(instrumenter: Instrumenter, score: Score, protocol: str, rng: np.ran
             instrumenter.note_off(pitch, ev.time)
     if fair_unisons:
         predicted = match_unisons(score, perf.labels, predicted)
-    return perf.labels, predicted, arrival
+    size = Counter(onsets)
+    places = [(min(size[o], MAX_GROUP), min(a, MAX_GROUP - 1)) for o, a in zip(onsets, arrival)]
+    return perf.labels, predicted, places
 
 
 def match_unisons(score: Score, labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -171,13 +174,11 @@ def evaluate(scorer_factory: Callable[[], Scorer | Instrumenter], scores: Sequen
     result = Result(model or type(instrumenter.scorer).__name__, protocol,
                     instrumenter.parts, np.zeros((k, k), dtype=np.int64))
     for i, score in enumerate(scores):
-        labels, predicted, arrival = _decide(instrumenter, score, protocol, piece_seed(seed, i), fair_unisons)
+        labels, predicted, places = _decide(instrumenter, score, protocol, piece_seed(seed, i), fair_unisons)
         known = labels >= 0
         np.add.at(result.confusion, (labels[known], predicted[known]), 1)
-        size = Counter(round(n.onset_beats, 6) for n in score.notes)
         for j in np.flatnonzero(known):
-            key = (min(size[round(score.notes[j].onset_beats, 6)], MAX_GROUP), min(int(arrival[j]), MAX_GROUP - 1))
-            counts = result.by_arrival.setdefault(key, [0, 0])
+            counts = result.by_arrival.setdefault(places[j], [0, 0])
             counts[0] += int(labels[j] == predicted[j])
             counts[1] += 1
         result.unlabelled += int((~known).sum())

@@ -92,7 +92,6 @@ class Instrumenter:
     def reset(self) -> None:
         self.featurizer.reset()
         self.scorer.reset()
-        self._open = None
         self._sounding: dict[int, list[int]] = {}  # pitch -> parts it was routed to, oldest first
         self._chord_parts: set[int] = set()  # parts routed in the current chord
         self._open: tuple[int, int] | None = None  # (pitch, part) decided, not yet committed
