@@ -33,7 +33,7 @@ class Replayer:
     def log_probs(self, pitch, feats, featurizer):
         scores = np.full(len(self.parts), -1e6)
         scores[self.plan[len(self.seen)]] = 0.0
-        self.seen.append(feats.copy())
+        self.seen.append(np.asarray(feats, dtype=np.float32))  # as a model's float32 input takes it
         return scores
 
 

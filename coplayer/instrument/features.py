@@ -63,8 +63,7 @@ class FeatureSpec:
         return asdict(self)
 
 
-def _t(dt: float, unit: float) -> float:
-    return math.log1p(max(dt, 0.0) / unit) / 4.0
+_NO_HISTORY = (0.0,) * (7 + len(INTERVAL_EDGES) + 1)  # a part's features before its first note
 
 
 def _interval_bucket(interval: int) -> int:
@@ -73,6 +72,12 @@ def _interval_bucket(interval: int) -> int:
         if a <= edge:
             return i
     return len(INTERVAL_EDGES)
+
+
+# The bucket's one-hot for each |interval| up to the last edge (a table: the
+# featurizer runs before every note can leave); wider intervals share the last.
+_BUCKETS = tuple(tuple(float(i == _interval_bucket(a)) for i in range(len(INTERVAL_EDGES) + 1))
+                 for a in range(INTERVAL_EDGES[-1] + 2))
 
 
 class _Part:
@@ -226,57 +231,85 @@ class Featurizer:
             names += [f"pc+{r}" for r in range(12)]
         return names
 
+    def values(self, pitch: int, velocity: int, time: float) -> list[float]:
+        """The features ``preview`` gives, as a plain list: the live path's
+        form (an ONNX model's input buffer takes it without an array between)."""
+        return self._values(pitch, velocity, time, self.joins_chord(time))
+
     def _vector(self, pitch: int, velocity: int, time: float, in_chord: bool) -> np.ndarray:
-        unit = self.spec.time_unit
-        k = self.spec.n_parts
-        v: list[float] = []
-        if self._prev_onset is None:
-            v += [0.0, 1.0, 0.0]
+        return np.asarray(self._values(pitch, velocity, time, in_chord), dtype=np.float32)
+
+    def _values(self, pitch: int, velocity: int, time: float, in_chord: bool) -> list[float]:
+        # Run at every note-on before the note can leave: written for speed
+        # (locals, no helper calls per part), one list grown in place.
+        spec = self.spec
+        unit = spec.time_unit
+        log1p = math.log1p
+        prev_onset = self._prev_onset
+        if prev_onset is None:
+            v = [0.0, 1.0, 0.0]
         else:
-            v += [_t(time - self._prev_onset, unit), 0.0, float(in_chord)]
+            dt = time - prev_onset
+            v = [log1p((dt if dt > 0.0 else 0.0) / unit) / 4.0, 0.0, float(in_chord)]
         step = 0 if self._prev_pitch is None else pitch - self._prev_pitch
-        v += [velocity / 127.0, (pitch - 60) / 24.0, max(-24, min(24, step)) / 12.0]
-        if self.spec.exact_flag:
-            v.append(float(self._prev_onset is not None and abs(time - self._prev_onset) < EXACT_S))
-        chord = self._chord if in_chord else []
+        v += (velocity / 127.0, (pitch - 60) / 24.0, max(-24, min(24, step)) / 12.0)
+        if spec.exact_flag:
+            v.append(float(prev_onset is not None and abs(time - prev_onset) < EXACT_S))
+        chord = self._chord if in_chord else ()
         size = [0.0] * (MAX_CHORD + 1)
         size[min(len(chord), MAX_CHORD)] = 1.0
         v += size
-        v += [sum(c > pitch for c in chord) / 4.0, sum(c < pitch for c in chord) / 4.0]
-        v += [sum(s.held for s in self._parts) / 4.0]
-        prev = [0.0] * (k + 1)
-        prev[k if self._prev_part is None else self._prev_part] = 1.0
+        above = below = held_total = 0
+        for c in chord:
+            if c > pitch:
+                above += 1
+            elif c < pitch:
+                below += 1
+        parts = self._parts
+        for s in parts:
+            held_total += s.held
+        v += (above / 4.0, below / 4.0, held_total / 4.0)
+        prev = [0.0] * (len(parts) + 1)
+        prev[len(parts) if self._prev_part is None else self._prev_part] = 1.0
         v += prev
-        for s in self._parts:
-            v += self._part_features(s, pitch, time, in_chord, unit)
-            if self.spec.motion:
-                moved = s.last_pitch is not None and s.prev_pitch is not None
-                v.append(max(-12, min(12, s.last_pitch - s.prev_pitch)) / 12.0 if moved else 0.0)
-        if self.spec.pc_context:
+        motion = spec.motion
+        top = len(_BUCKETS) - 1
+        for s in parts:
+            last = s.last_pitch
+            if last is None:
+                v += _NO_HISTORY
+                if motion:
+                    v.append(0.0)
+                continue
+            interval = pitch - last
+            chord_pitch = s.chord_pitch if in_chord else None
+            held = s.held
+            dt = time - s.last_onset
+            since_release = 0.0
+            if not held and s.last_release is not None:
+                dr = time - s.last_release
+                since_release = log1p((dr if dr > 0.0 else 0.0) / unit) / 4.0
+            v += (
+                1.0,
+                max(-36, min(36, interval)) / 12.0,
+                float(held > 0),
+                float(chord_pitch is not None),
+                0.0 if chord_pitch is None else max(-24, min(24, pitch - chord_pitch)) / 12.0,
+                log1p((dt if dt > 0.0 else 0.0) / unit) / 4.0,
+                since_release,
+            )
+            v += _BUCKETS[min(abs(interval), top)]
+            if motion:
+                prev_pitch = s.prev_pitch
+                v.append(0.0 if prev_pitch is None else max(-12, min(12, last - prev_pitch)) / 12.0)
+        if spec.pc_context:
             counts = [0.0] * 12
             pc = pitch % 12
+            share = 1.0 / PC_NOTES
             for q in self._recent_pc:
-                counts[(q - pc) % 12] += 1.0 / PC_NOTES
+                counts[(q - pc) % 12] += share
             v += counts
-        return np.asarray(v, dtype=np.float32)
-
-    @staticmethod
-    def _part_features(s: _Part, pitch: int, time: float, in_chord: bool, unit: float) -> list[float]:
-        buckets = [0.0] * (len(INTERVAL_EDGES) + 1)
-        if s.last_pitch is None:
-            return [0.0] * 7 + buckets
-        interval = pitch - s.last_pitch
-        buckets[_interval_bucket(interval)] = 1.0
-        chord_pitch = s.chord_pitch if in_chord else None
-        return [
-            1.0,
-            max(-36, min(36, interval)) / 12.0,
-            float(s.held > 0),
-            float(chord_pitch is not None),
-            0.0 if chord_pitch is None else max(-24, min(24, pitch - chord_pitch)) / 12.0,
-            _t(time - s.last_onset, unit),
-            0.0 if s.held or s.last_release is None else _t(time - s.last_release, unit),
-        ] + buckets
+        return v
 
 
 # -- turning a note list into the event stream a player would produce -------

@@ -12,6 +12,7 @@ and the live engine all call :meth:`Instrumenter.note_on` and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -48,9 +49,10 @@ class Scorer(Protocol):
     """Anything that scores parts for a note: an ONNX model or a baseline.
 
     A scorer without the attribute ``uses_features`` = False gets the
-    feature vector; one that has it (the baselines, which look only at the
-    pitch and the featurizer's state) gets None and saves its cost: about
-    half of a fallback's time per note, and the fallback hears every note.
+    feature vector (a list: :meth:`Featurizer.values`); one that has it
+    (the baselines, which look only at the pitch and the featurizer's state)
+    gets None and saves its cost: about half of a fallback's time per note,
+    and the fallback hears every note.
     """
 
     parts: tuple[str, ...]
@@ -58,7 +60,8 @@ class Scorer(Protocol):
 
     def reset(self) -> None: ...
 
-    def log_probs(self, pitch: int, feats: np.ndarray, featurizer: Featurizer) -> np.ndarray:
+    def log_probs(self, pitch: int, feats: list[float] | None,
+                  featurizer: Featurizer) -> Sequence[float] | np.ndarray:
         """Log-probabilities over ``parts`` for the note whose features are given."""
         ...
 
@@ -67,7 +70,7 @@ class Scorer(Protocol):
 class Decision:
     part: int  # index into Instrumenter.parts
     name: str
-    log_probs: np.ndarray  # after penalties
+    log_probs: list[float]  # after penalties
 
 
 class Instrumenter:
@@ -82,9 +85,10 @@ class Instrumenter:
             raise ValueError(f"part rules {[r.name for r in rules]} do not match the scorer's {list(self.parts)}")
         self.rules = rules
         self.penalties = penalties
-        self._low = np.array([r.low for r in rules])
-        self._high = np.array([r.high for r in rules])
-        self._mono = np.array([r.monophonic for r in rules])
+        self._ranges = [(r.low, r.high) for r in rules]
+        self._mono = [r.monophonic for r in rules]
+        # The pitches every part can play: no range penalty to look at.
+        self._common = (max(r.low for r in rules), min(r.high for r in rules))
         self.featurizer = Featurizer(scorer.spec)
         self._vector = getattr(scorer, "uses_features", True)
         self.reset()
@@ -117,15 +121,17 @@ class Instrumenter:
         must come before the next note."""
         if self._open is not None:
             raise RuntimeError("decide() twice without commit()")
-        if not self.featurizer.joins_chord(time):
+        featurizer = self.featurizer
+        if not featurizer.joins_chord(time):
             self._chord_parts = set()
-        feats = self.featurizer.note_on(pitch, velocity, time, vector=self._vector)
+        featurizer.note_on(pitch, velocity, time, vector=False)
         if force is None or listen:
-            scores = self._constrain(pitch, np.array(self.scorer.log_probs(pitch, feats, self.featurizer),
-                                                     dtype=np.float64))
+            feats = featurizer.values(pitch, velocity, time) if self._vector else None
+            scores = self.scorer.log_probs(pitch, feats, featurizer)
+            scores = self._constrain(pitch, scores.tolist() if isinstance(scores, np.ndarray) else list(scores))
         else:
-            scores = np.where(np.arange(len(self.parts)) == force, 0.0, -np.inf)
-        part = int(np.argmax(scores)) if force is None else force
+            scores = [0.0 if k == force else -math.inf for k in range(len(self.parts))]
+        part = max(range(len(scores)), key=scores.__getitem__) if force is None else force
         self._open = (pitch, part)
         return Decision(part, self.parts[part], scores)
 
@@ -157,17 +163,27 @@ class Instrumenter:
             del self._sounding[pitch]
         return part
 
-    def _constrain(self, pitch: int, scores: np.ndarray) -> np.ndarray:
-        p = self.penalties
+    def _constrain(self, pitch: int, scores: list[float]) -> list[float]:
+        # Plain Python on a few floats: numpy's per-call cost is larger than
+        # the work here, and this runs before every note can leave.
         for part in self._sounding.get(pitch, ()):
             scores[part] -= SAME_PITCH
+        p = self.penalties
         if p.mono:
-            held = np.array(self.featurizer.held_parts()) > 0
-            scores = scores - p.mono * (held & self._mono)
-        if p.range:
-            scores = scores - p.range * ((pitch < self._low) | (pitch > self._high))
+            for k, (held, mono) in enumerate(zip(self.featurizer.held_parts(), self._mono)):
+                if held and mono:
+                    scores[k] -= p.mono
+        if p.range and self._out_of_range(pitch):
+            for k, (low, high) in enumerate(self._ranges):
+                if pitch < low or pitch > high:
+                    scores[k] -= p.range
         if p.chord and self._chord_parts:
-            used = np.zeros(len(self.parts), dtype=bool)
-            used[list(self._chord_parts)] = True
-            scores = scores - p.chord * (used & self._mono)
+            for k in self._chord_parts:
+                if self._mono[k]:
+                    scores[k] -= p.chord
         return scores
+
+    def _out_of_range(self, pitch: int) -> bool:
+        """Outside some part's range (inside every part's, no penalty to add)."""
+        low, high = self._common
+        return pitch < low or pitch > high

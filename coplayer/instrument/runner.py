@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -54,10 +55,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
+def log_softmax(logits: np.ndarray | Sequence[float]) -> list[float]:
+    """In plain Python on a few logits: the decision runs it before every
+    note can leave, and numpy's per-call cost would be most of its time."""
+    x = logits.tolist() if isinstance(logits, np.ndarray) else [float(v) for v in logits]
+    top = max(x)
+    x = [v - top for v in x]
+    total = 0.0
+    for v in x:
+        total += math.exp(v)
+    lse = math.log(total)
+    return [v - lse for v in x]
 
 
 # -- finding and checking a model ----------------------------------------------
@@ -238,8 +246,9 @@ class OnnxModel:
         for name, shape, dtype in self._states:
             self._feed[name] = np.zeros(shape, dtype=dtype)
 
-    def logits(self, pitch: int, feats: np.ndarray) -> np.ndarray:
-        """One note: the logits over ``parts`` (float32 [K]); advances the state."""
+    def logits(self, pitch: int, feats: Sequence[float]) -> np.ndarray:
+        """One note: the logits over ``parts`` (float32 [K]); advances the state.
+        ``feats``: the feature vector, an array or a list (Featurizer.values)."""
         self._pitch[0] = pitch
         self._feats[0] = feats
         logits, *state = self._session.run(self._outputs, self._feed)
@@ -269,7 +278,7 @@ class OnnxScorer:
     def reset(self) -> None:
         self.model.reset()
 
-    def log_probs(self, pitch: int, feats: np.ndarray, featurizer: Featurizer) -> np.ndarray:
+    def log_probs(self, pitch: int, feats: Sequence[float], featurizer: Featurizer) -> list[float]:
         return log_softmax(self.model.logits(pitch, feats))
 
     def warm(self, pitch: int, feats: np.ndarray) -> None:
