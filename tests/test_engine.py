@@ -84,6 +84,10 @@ class FakeResponder:
         self.events.append("stop")
         self._release()
 
+    def yield_to_player(self):
+        self.events.append("yield")
+        self._release()
+
     def note_on(self, pitch, velocity, part, t_ns):
         self.heard.append(("on", pitch, velocity, part))
 
@@ -687,6 +691,16 @@ def test_responder_notes_obey_mute_and_are_released():
         assert rig.notes("coplayer alto") == [(0x91, 62, 70), (0x81, 62, 0)]
         rig.engine.play("violin", (0x90, 60, 1), now_ns())  # not a part: ignored
         assert rig.engine.stats()["bad_responder_messages"] == 1
+
+
+def test_an_answer_stops_before_the_players_note_of_its_pitch_goes_out():
+    with Rig() as rig:
+        rig.responder.answer("alto", 62)
+        rig.send((ON, 62, 100))  # the player takes the same part and pitch
+        assert rig.notes("coplayer alto") == [(0x91, 62, 70), (0x81, 62, 0), (0x91, 62, 100)]
+        assert rig.responder.events[-1] == "yield" and rig.responder.heard == [("on", 62, 100, "alto")]
+        rig.send((OFF, 62, 0))
+        assert rig.notes("coplayer alto")[-1] == (0x81, 62, 0) and rig.all_silent()
 
 
 # --- the feedback guard --------------------------------------------------------------

@@ -81,6 +81,7 @@ class Responder(Protocol):
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    def yield_to_player(self) -> None: ...
     def note_on(self, pitch: int, velocity: int, part: str, t_ns: int) -> None: ...
     def note_off(self, pitch: int, t_ns: int) -> None: ...
     def trigger(self) -> None: ...
@@ -163,6 +164,7 @@ class Decider:
     broken: bool = False
     _pending: tuple | None = None
     _deciding: "Instrumenter | None" = None  # decided the last note; its history waits for commit()
+    _timed: tuple[int, int] | None = None  # the model's last decision: (its time, its start) for the estimate
 
     def warm_up(self) -> None:
         """Time a few model steps (then forget them) to seed the estimate."""
@@ -206,7 +208,7 @@ class Decider:
                 raise
             self._broke(exc)
             return self._fall_back(pitch, velocity, time_s), True
-        self.steps.add(self.now() - start, start)
+        self._timed = (self.now() - start, start)  # into the estimate at commit(), after the send
         if self.fallback is not None:
             self._pending = (self.fallback, pitch, velocity, time_s, part)
         return part, False
@@ -241,6 +243,9 @@ class Decider:
         deciding, self._deciding = self._deciding, None
         if deciding is not None:  # the decider's own history first: the note is out
             deciding.commit()
+        timed, self._timed = self._timed, None
+        if timed is not None:
+            self.steps.add(*timed)
         pending, self._pending = self._pending, None
         if pending is not None:
             inst, pitch, velocity, time_s, part = pending
@@ -540,16 +545,21 @@ class Engine:
             return self._note_off(data, channel, t_ns)
         pitch, velocity = data[1], data[2]
         part, _ = self.decider.decide(pitch, velocity, t_ns)
+        responder = self.responder
         try:
-            if self.responder is not None:  # first: it releases an answer's note of this part and pitch
-                self.responder.note_on(pitch, velocity, part, t_ns)
+            if responder is not None:  # an answer playing stops first (a note of this part and pitch)
+                responder.yield_to_player()
             target = self._note_target(part)
             held = self.router.note_on(channel, pitch, target, self._audible(target))
             if held.sounded:
                 self._catch_up(channel, target)
                 self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
             self._latency(self._now() - t_ns)
-            self.recorder.message(None, data, t_ns)  # after the send, as everything below
+            # After the send, as everything below: hearing the note may wake
+            # the responder's thread, which would then compete for the GIL.
+            if responder is not None:
+                responder.note_on(pitch, velocity, part, t_ns)
+            self.recorder.message(None, data, t_ns)
         finally:  # the decision becomes history even if the send failed
             self.decider.commit(idle=self._queue.empty() and not (self.input is not None and self.input.waiting()))
 

@@ -240,6 +240,17 @@ class Responder:
             self._release_locked("cancelled")  # an answer installed while stopping
             self._state = "stopped"
 
+    def yield_to_player(self) -> None:
+        """The player plays a note: the answer being played ends now, its
+        notes' note-offs sent, before the player's note goes out (an answer's
+        note of the same part and pitch would otherwise end the player's).
+        Nothing to do, and no lock taken, while no answer plays: the engine
+        calls it before every note-on it sends, and :meth:`note_on` after."""
+        if self._playback is None:  # read without the lock: note_on releases under it anyway
+            return
+        with self._lock:
+            self._release_locked("cancelled")
+
     def note_on(self, pitch: int, velocity: int, part: str, t_ns: int) -> None:
         if velocity <= 0:
             self.note_off(pitch, t_ns)
