@@ -165,8 +165,11 @@ class ControllerMirror:
 
     def catch_up(self, channel: int, target: Target) -> list[Message]:
         """The player's current controllers of ``channel`` that ``target`` lacks."""
+        current = self._current.get(channel)
+        if not current:  # the usual case, before every note-on: nothing to catch up
+            return []
         told = self._told.get(target, {})
-        return [m for key, m in self._current.get(channel, {}).items() if told.get(key) != _value(m)]
+        return [m for key, m in current.items() if told.get(key) != _value(m)]
 
     def forget(self) -> None:
         """Targets were reset (a panic): they know nothing any more."""
@@ -236,13 +239,14 @@ class FeedbackGuard:
         key = self._key(data)
         with self._lock:
             self._prune(t_ns - self.window_ns)
-            sent = [(source, source_ns) for sent_ns, source, source_ns in self._recent.get(key, ()) if sent_ns <= t_ns]
+            records = self._recent.get(key)  # usually none: then no comprehension to run (every note waits for this)
+            sent = [(source, source_ns) for sent_ns, source, source_ns in records if sent_ns <= t_ns] if records else ()
             if key[0] == "off":
                 echo = self._echo_off(key[1:], bool(sent), held)
                 if not echo:
                     self._released[key[1:]] = t_ns
             elif data[0] & 0xF0 == NOTE_ON:
-                echo = any(self._echo_on(data, source, source_ns) for source, source_ns in sent)
+                echo = bool(sent) and any(self._echo_on(data, source, source_ns) for source, source_ns in sent)
                 if echo:
                     self._pending[data[0] & 0x0F, data[1]] += 1
             else:

@@ -97,6 +97,7 @@ def _load() -> ctypes.CDLL:
         "cp_now_ns": (i64, []),
         "cp_xruns": (ctypes.c_uint64, [c]),
         "cp_lost_in": (ctypes.c_uint64, [c]),
+        "cp_late_out": (ctypes.c_uint64, [c]),
     }
     for name, (res, args) in sig.items():
         try:
@@ -188,7 +189,11 @@ class _Client:
         xruns = self.xruns()
         if xruns:
             log.debug("JACK reported %d xrun(s) while client %s ran (MIDI in the graph may be lost in one)",
-                     xruns, self.name)
+                      xruns, self.name)
+        late = int(self.lib.cp_late_out(self.handle))
+        if late:  # delayed, not lost: the rest went out in the next cycle
+            log.debug("%d time(s) client %s's output filled JACK's MIDI buffer in one cycle; the rest waited "
+                      "for the next", late, self.name)
         self.lib.cp_close(self.handle)
         self.handle = None
 

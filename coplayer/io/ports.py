@@ -144,6 +144,8 @@ def is_valid(data: Sequence[int]) -> bool:
     if status == 0xF0:  # SysEx: F0, data bytes, F7
         return len(data) >= 2 and data[-1] == 0xF7 and all(0 <= b < 0x80 for b in data[1:-1])
     want = _CHANNEL_LENGTH[status & 0xF0] if status < 0xF0 else _SYSTEM_LENGTH.get(status)
+    if want == 3 and len(data) == 3:  # notes: checked in line (every note in and out passes here)
+        return 0 <= data[1] < 0x80 and 0 <= data[2] < 0x80
     return len(data) == want and all(0 <= b < 0x80 for b in data[1:])
 
 
