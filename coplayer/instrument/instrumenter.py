@@ -149,8 +149,8 @@ class Instrumenter:
         changes, but the next real note finds the model in the caches.  Only
         scorers with a ``warm`` method (the ONNX models) take part."""
         warm = getattr(self.scorer, "warm", None)
-        if warm is not None:
-            warm(60, self.featurizer.preview(60, 64, time))
+        if warm is not None:  # the features as a decision computes them (a list)
+            warm(60, self.featurizer.values(60, 64, time))
 
     def note_off(self, pitch: int, time: float) -> int | None:
         """A played note ends; returns the part index its note-on was routed to."""

@@ -260,7 +260,7 @@ class OnnxModel:
         """One note: probabilities over ``parts`` (float64 [K]); advances the state."""
         return softmax(self.logits(pitch, feats))
 
-    def peek(self, pitch: int, feats: np.ndarray) -> np.ndarray:
+    def peek(self, pitch: int, feats: Sequence[float]) -> np.ndarray:
         """The logits of :meth:`logits` without advancing the state."""
         self._pitch[0] = pitch
         self._feats[0] = feats
@@ -281,6 +281,6 @@ class OnnxScorer:
     def log_probs(self, pitch: int, feats: Sequence[float], featurizer: Featurizer) -> list[float]:
         return log_softmax(self.model.logits(pitch, feats))
 
-    def warm(self, pitch: int, feats: np.ndarray) -> None:
+    def warm(self, pitch: int, feats: Sequence[float]) -> None:
         """A step whose result and state are thrown away (see Instrumenter.warm)."""
         self.model.peek(pitch, feats)
