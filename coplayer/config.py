@@ -127,7 +127,7 @@ class Tempo:
 class Latency:
     budget_ms: float = _opt(3.0, range=(0.1, 100))
     stats_interval_s: float = _opt(1.0, range=(0.1, 60))
-    keep_warm_ms: float = _opt(2.0, range=(0, 1000))
+    keep_warm_ms: float = _opt(1.0, range=(0, 1000))
     keep_warm_for_s: float = _opt(60.0, range=(0.01, 86400))
 
 
