@@ -563,6 +563,7 @@ class Result:
         for s in self.steps:
             lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
                          f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms"
+                         + (f" (and {s['jack_lost']} lost by the single hop too)" if s.get("jack_lost") else "")
                          + (f", {s['xruns']} JACK xruns" if s.get("xruns") is not None else "")
                          + f" -> {'ok' if s['ok'] else 'FAIL'}")
         lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s; "

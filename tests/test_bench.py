@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from coplayer.bench import MERGED, SECTIONS, by_section, is_on, offs_reported, realistic, sounding_after
+from coplayer.bench import MERGED, SECTIONS, Result, by_section, is_on, offs_reported, realistic, sounding_after
 
 
 def test_a_stuck_note_ended_by_coplayer_was_lost_after_it():
@@ -26,3 +26,13 @@ def test_each_note_of_the_realistic_schedule_falls_in_its_section():
     split = by_section(schedule, starts, ons)
     assert [len(split[name]) for name in SECTIONS] == [100, 100, 100, 96]  # 25 four-note chords; 12 bursts of 8
     assert sorted(v for values in split.values() for v in values) == sorted(ons.values())
+
+
+def test_a_rate_step_says_what_the_single_hop_lost_beside_coplayers_losses():
+    step = {"rate": 1000, "notes": 3000, "lost": 2, "jack_lost": 3, "stuck": 0, "misses": 5, "p99_ms": 4.0,
+            "xruns": 7, "ok": False}
+    lines = Result([1.0], [1.0], 1, 0, 0, 0, [step, {**step, "lost": 0, "jack_lost": 0, "ok": True}]).report()
+    steps = [line for line in lines if "1000 notes/s" in line]
+    assert "lost 2, stuck 0" in steps[0] and "(and 3 lost by the single hop too)" in steps[0]
+    assert "7 JACK xruns -> FAIL" in steps[0]
+    assert "single hop" not in steps[1] and steps[1].endswith("-> ok")
