@@ -564,6 +564,8 @@ class Result:
             lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
                          f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms"
                          + (f" (and {s['jack_lost']} lost by the single hop too)" if s.get("jack_lost") else "")
+                         + (f" (the bare loop: lost {s['floor_lost']}, stuck {s['floor_stuck']})"
+                            if s.get("floor_lost") or s.get("floor_stuck") else "")
                          + (f", {s['xruns']} JACK xruns" if s.get("xruns") is not None else "")
                          + f" -> {'ok' if s['ok'] else 'FAIL'}")
         lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s; "
@@ -588,8 +590,11 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
     stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
+    # The bare loop hears the step too: a loss it shares in the same xruns is JACK's on this machine.
+    _, floor_lost, _ = latencies(sent, arrived, ("floor",))
+    floor_stuck = sum(sounding_after([e for e in arrived if e[0] == "floor"]).values())
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
-            "misses": misses, "xruns": xruns,
+            "misses": misses, "xruns": xruns, "floor_lost": floor_lost, "floor_stuck": floor_stuck,
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 

@@ -28,11 +28,12 @@ def test_each_note_of_the_realistic_schedule_falls_in_its_section():
     assert sorted(v for values in split.values() for v in values) == sorted(ons.values())
 
 
-def test_a_rate_step_says_what_the_single_hop_lost_beside_coplayers_losses():
+def test_a_rate_step_says_what_the_single_hop_and_the_bare_loop_lost_beside_coplayer():
     step = {"rate": 1000, "notes": 3000, "lost": 2, "jack_lost": 3, "stuck": 0, "misses": 5, "p99_ms": 4.0,
-            "xruns": 7, "ok": False}
-    lines = Result([1.0], [1.0], 1, 0, 0, 0, [step, {**step, "lost": 0, "jack_lost": 0, "ok": True}]).report()
+            "xruns": 7, "floor_lost": 4, "floor_stuck": 1, "ok": False}
+    clean = {**step, "lost": 0, "jack_lost": 0, "floor_lost": 0, "floor_stuck": 0, "ok": True}
+    lines = Result([1.0], [1.0], 1, 0, 0, 0, [step, clean]).report()
     steps = [line for line in lines if "1000 notes/s" in line]
     assert "lost 2, stuck 0" in steps[0] and "(and 3 lost by the single hop too)" in steps[0]
-    assert "7 JACK xruns -> FAIL" in steps[0]
-    assert "single hop" not in steps[1] and steps[1].endswith("-> ok")
+    assert "(the bare loop: lost 4, stuck 1)" in steps[0] and "7 JACK xruns -> FAIL" in steps[0]
+    assert "single hop" not in steps[1] and "bare loop" not in steps[1] and steps[1].endswith("-> ok")
