@@ -87,8 +87,6 @@ class Instrumenter:
         self.penalties = penalties
         self._ranges = [(r.low, r.high) for r in rules]
         self._mono = [r.monophonic for r in rules]
-        # The pitches every part can play: no range penalty to look at.
-        self._common = (max(r.low for r in rules), min(r.high for r in rules))
         self.featurizer = Featurizer(scorer.spec)
         self._vector = getattr(scorer, "uses_features", True)
         self.reset()
@@ -173,7 +171,7 @@ class Instrumenter:
             for k, (held, mono) in enumerate(zip(self.featurizer.held_parts(), self._mono)):
                 if held and mono:
                     scores[k] -= p.mono
-        if p.range and self._out_of_range(pitch):
+        if p.range:
             for k, (low, high) in enumerate(self._ranges):
                 if pitch < low or pitch > high:
                     scores[k] -= p.range
@@ -182,8 +180,3 @@ class Instrumenter:
                 if self._mono[k]:
                     scores[k] -= p.chord
         return scores
-
-    def _out_of_range(self, pitch: int) -> bool:
-        """Outside some part's range (inside every part's, no penalty to add)."""
-        low, high = self._common
-        return pitch < low or pitch > high
