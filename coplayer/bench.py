@@ -128,6 +128,8 @@ class StatsListener:
         self.messages: list[tuple[str, tuple]] = []
         self.stats: tuple | None = None
         self.stats_count = 0
+        self.ports: tuple | None = None  # the latest /coplayer/ports: xruns, skipped cycles, overflowed (-1: unknown)
+        self.ports_count = 0
         self._lock = threading.Lock()
         dispatcher = Dispatcher()
         dispatcher.set_default_handler(self._handle)
@@ -140,14 +142,21 @@ class StatsListener:
             self.messages.append((address, args))
             if address == "/coplayer/stats":
                 self.stats, self.stats_count = args, self.stats_count + 1
+            elif address == "/coplayer/ports":
+                self.ports, self.ports_count = args, self.ports_count + 1
 
     def fresh_stats(self, timeout_s: float = 3.0) -> tuple | None:
-        """The first stats message sent after this call."""
-        start = self.stats_count
+        """The first stats message sent after this call (and, in :attr:`ports`,
+        the ports message sent with it)."""
+        start, ports = self.stats_count, self.ports_count
         deadline = time.monotonic() + timeout_s
-        while self.stats_count == start and time.monotonic() < deadline:
+        while (self.stats_count == start or self.ports_count == ports) and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.stats if self.stats_count > start else None
+
+    def skipped(self) -> int | None:
+        """Cycles JACK skipped coplayer's input client, per the latest ports message."""
+        return self.ports[1] if self.ports and self.ports[1] >= 0 else None
 
     def close(self) -> None:
         self._server.shutdown()
@@ -306,6 +315,14 @@ class Peer:
         """Xruns JACK has reported to this peer's client so far (None with
         python-rtmidi, which cannot tell)."""
         return self.out.xruns()
+
+    def skipped(self) -> int | None:
+        """Cycles of JACK's frame time this peer's sending or listening client
+        did not see so far, the larger of the two (None where the backend
+        cannot tell): the server's stalls, and the peer's own skips."""
+        clients = [self.out, *list(self.inputs.values())[:1]]  # the inputs share one client
+        counts = [port.skipped_cycles() for port in clients]
+        return None if None in counts else max(counts)
 
     def send(self, msg: Message) -> int:
         t = now_ns()
@@ -504,6 +521,17 @@ def latencies(sent: list[tuple[int, Message]], arrived, labels=PARTS) -> tuple[l
     return list(e2e.values()), lost, sum(1 for i in ons if i not in hop)
 
 
+def _skipped_text(cp: int | None, bench: int | None) -> str:
+    """Cycles of JACK's frame time each side's clients did not see.  A stall
+    of the whole server shows on both sides; cycles that coplayer's client
+    alone skipped are ones where notes sent to it were lost in JACK."""
+    if cp is None and bench is None:
+        return ""
+    unknown = "?"
+    return (f"; cycles JACK skipped: coplayer's client {unknown if cp is None else cp}, "
+            f"the bench's {unknown if bench is None else bench}")
+
+
 @dataclass
 class Result:
     e2e_ms: list[float]
@@ -522,6 +550,9 @@ class Result:
     decision: tuple | None = None  # coplayer's own /coplayer/stats after the realistic notes: p50, p99, max ms, ...
     xruns: int | None = None  # xruns JACK reported while the realistic notes played (None: cannot tell)
     max_lossless_notes_per_s: int = 0  # highest rate with no message lost or note left sounding
+    # Cycles JACK skipped the callback of (coplayer's input client, the bench's
+    # clients) while the realistic notes played: MIDI sent in one is lost in JACK.
+    skipped: tuple = (None, None)
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -551,7 +582,8 @@ class Result:
         ]
         if self.xruns is not None:
             lines.append(f"JACK xruns while the notes played: {self.xruns} "
-                         "(a client late in a cycle; JACK may drop MIDI in one)")
+                         "(a client late in a cycle; JACK may drop MIDI in one)"
+                         + _skipped_text(*self.skipped))
         if self.decision:
             lines.append(f"coplayer's own decision time (arrival stamp to send, {self.decision[3]} notes): "
                          f"p50 {self.decision[0]:.3f} ms, p99 {self.decision[1]:.3f} ms, max {self.decision[2]:.3f} ms")
@@ -567,6 +599,7 @@ class Result:
                          + (f" (the bare loop: lost {s['floor_lost']}, stuck {s['floor_stuck']})"
                             if s.get("floor_lost") or s.get("floor_stuck") else "")
                          + (f", {s['xruns']} JACK xruns" if s.get("xruns") is not None else "")
+                         + _skipped_text(s.get("cp_skipped"), s.get("bench_skipped"))
                          + f" -> {'ok' if s['ok'] else 'FAIL'}")
         lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s; "
                      f"with no loss: {self.max_lossless_notes_per_s} notes/s")
@@ -583,10 +616,18 @@ def _section(peer: Peer, schedule) -> tuple[list[tuple[int, Message]], list, int
     return sent, peer.events(since_ns=since), None if xruns is None or after is None else after - xruns
 
 
+def _skipped(before: tuple, after: tuple) -> tuple:
+    """Cycles JACK skipped (coplayer's client, the bench's) between two
+    readings of (coplayer's, the bench's) counts; None where unknown."""
+    return tuple(None if a is None or b is None else b - a for a, b in zip(before, after))
+
+
 def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> dict:
     before = stats.fresh_stats()
+    skipped = stats.skipped(), peer.skipped()
     sent, arrived, xruns = _section(peer, rate_steps(rate, STEP_S, rng))
     after = stats.fresh_stats()
+    cp_skipped, bench_skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
     ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
     stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
@@ -595,6 +636,7 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     floor_stuck = sum(sounding_after([e for e in arrived if e[0] == "floor"]).values())
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
             "misses": misses, "xruns": xruns, "floor_lost": floor_lost, "floor_stuck": floor_stuck,
+            "cp_skipped": cp_skipped, "bench_skipped": bench_skipped,
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 
@@ -624,6 +666,8 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         time.sleep(0.3)
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
         osc_from = len(stats.messages)
+        stats.fresh_stats()
+        skipped = stats.skipped(), peer.skipped()
         starts: list[float] = []
         schedule = realistic(notes, rng, starts)
         sent, arrived, xruns = _section(peer, schedule)
@@ -632,6 +676,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         e2e_by, floor_by = (by_section(schedule, starts, match(sent, arrived, labels))
                             for labels in ((MERGED,), ("floor",)))
         decision = stats.fresh_stats()
+        skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
@@ -651,7 +696,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
                 best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
                       list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
-                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns, lossless)
+                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns, lossless, skipped)
     finally:
         if peer is not None:
             peer.close()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
-from coplayer.bench import MERGED, SECTIONS, Result, by_section, is_on, offs_reported, realistic, sounding_after
+from coplayer.bench import (MERGED, SECTIONS, Result, StatsListener, by_section, free_udp_port, is_on,
+                            offs_reported, realistic, sounding_after)
+from coplayer.io.osc import OscOut
 
 
 def test_a_stuck_note_ended_by_coplayer_was_lost_after_it():
@@ -37,3 +41,39 @@ def test_a_rate_step_says_what_the_single_hop_and_the_bare_loop_lost_beside_copl
     assert "lost 2, stuck 0" in steps[0] and "(and 3 lost by the single hop too)" in steps[0]
     assert "(the bare loop: lost 4, stuck 1)" in steps[0] and "7 JACK xruns -> FAIL" in steps[0]
     assert "single hop" not in steps[1] and "bare loop" not in steps[1] and steps[1].endswith("-> ok")
+
+
+def test_a_rate_step_says_how_many_cycles_jack_skipped_coplayers_client_and_the_benchs():
+    step = {"rate": 1000, "notes": 3000, "lost": 9, "jack_lost": 0, "stuck": 2, "misses": 5, "p99_ms": 4.0,
+            "xruns": 10, "floor_lost": 0, "floor_stuck": 0, "ok": False, "cp_skipped": 12, "bench_skipped": 0}
+    unknown = {**step, "rate": 2000, "cp_skipped": None, "bench_skipped": None}
+    lines = Result([1.0], [1.0], 1, 0, 0, 0, [step, unknown], xruns=10, skipped=(3, None)).report()
+    [line] = [x for x in lines if "1000 notes/s" in x]
+    assert "10 JACK xruns; cycles JACK skipped: coplayer's client 12, the bench's 0 -> FAIL" in line
+    [line] = [x for x in lines if "2000 notes/s" in x]
+    assert "cycles JACK skipped" not in line  # a backend that cannot tell says nothing
+    [line] = [x for x in lines if x.startswith("JACK xruns while")]
+    assert line.endswith("cycles JACK skipped: coplayer's client 3, the bench's ?")
+
+
+def test_the_bench_reads_coplayers_port_counts_with_its_stats():
+    port = free_udp_port()
+    listener = StatsListener(port)
+
+    def send(*ports):
+        time.sleep(0.1)
+        with OscOut("127.0.0.1", port) as out:
+            out.stats(0.5, 0.9, 1.2, 10, 0)
+            time.sleep(0.1)  # the ports message comes a little later: fresh_stats waits for it too
+            out.ports(*ports)
+
+    try:
+        for ports, skipped in (((4, 17, 0), 17), ((4, None, 0), None)):  # None: -1 on the wire
+            sender = threading.Thread(target=send, args=ports)
+            sender.start()
+            stats = listener.fresh_stats(timeout_s=5.0)
+            sender.join()
+            assert stats is not None and stats[3] == 10
+            assert listener.skipped() == skipped
+    finally:
+        listener.close()

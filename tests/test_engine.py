@@ -451,6 +451,9 @@ def test_osc_feed_reports_routed_notes():
         def stats(self, *a):
             self.calls.append(("stats", *a))
 
+        def ports(self, *a):
+            self.calls.append(("ports", *a))
+
         def close(self):
             pass
 
@@ -467,6 +470,8 @@ def test_osc_feed_reports_routed_notes():
     assert ("note", "soprano", 76, 100) in out.calls and ("note", "soprano", 76, 0) in out.calls
     assert ("state", "mode", "respond") in out.calls
     assert any(c[0] == "stats" and c[4] == 1 for c in out.calls)
+    # Memory ports cannot tell the MIDI server's xruns, skipped cycles or drops.
+    assert ("ports", None, None, None) in out.calls
 
 
 # --- the latency budget --------------------------------------------------------------

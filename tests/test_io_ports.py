@@ -437,6 +437,42 @@ def test_one_jack_client_holds_every_port_of_a_name(jack_server):
     assert name not in left  # the client went with its last port
 
 
+_STALLED_CLIENT = """
+import sys, time
+from coplayer.io.jack_backend import JackInput
+port = JackInput("stall", virtual=True, client_name=sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+time.sleep(0.05)  # cycles after the stall: the callback runs again and sees the gap
+print(port.skipped_cycles(), port.xruns(), port.overflowed(), flush=True)
+port.close()
+"""
+
+
+def test_a_jack_client_counts_the_cycles_jack_skipped_it(jack_server):
+    """A process stopped for 0.1 s misses ~75 cycles of 64 frames at 48 kHz:
+    its client counts them from the gap in JACK's frame time (what tells a
+    note lost in JACK's graph from one coplayer lost).  Running freely
+    before and after, it misses none of its own accord."""
+    name = _client_name("stall")
+    child = subprocess.Popen([sys.executable, "-c", _STALLED_CLIENT, name], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.05)
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(0.1)
+        child.send_signal(signal.SIGCONT)
+        child.stdin.write("report\n")
+        child.stdin.flush()
+        skipped, xruns, overflowed = (int(x) for x in child.stdout.readline().split())
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert 40 <= skipped <= 200, skipped
+    assert overflowed == 0
+
+
 def test_a_jack_port_name_taken_is_one_clear_error(jack_server):
     _, Output = _backend("jack")
     name = _client_name("dup")

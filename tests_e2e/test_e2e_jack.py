@@ -270,8 +270,11 @@ def test_bench_measures_both_loops(backend):
     assert (figures["xruns"] >= 0) if backend == "jack" else figures["xruns"] is None
     assert all((s["xruns"] is None) == (backend == "rtmidi") for s in result.steps)
     n = figures["notes"]  # the sections round 120 down to whole chords
-    assert 100 <= n <= 120 and len(result.e2e_ms) + result.lost + result.jack_lost == n
-    assert len(result.floor_ms) + result.floor_lost + result.jack_lost == n
+    assert 100 <= n <= 120
+    # Every note arrived, or is counted lost, or the single hop lost it too (the
+    # hop may lose a note that coplayer got: the bounds, not an equality).
+    for arrived, lost in ((result.e2e_ms, result.lost), (result.floor_ms, result.floor_lost)):
+        assert len(arrived) + lost <= n <= len(arrived) + lost + result.jack_lost
     assert 0 < figures["floor_p50_ms"] and 0 < figures["e2e_p50_ms"]
     assert [s["rate"] for s in result.steps] == [50]
     step = result.steps[0]

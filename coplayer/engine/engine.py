@@ -883,7 +883,8 @@ class Engine:
     def stats(self, recent: bool = False) -> dict:
         """Decision latency (count, p50/p99/max ms), misses (notes the fallback
         routed), over_budget (notes slower than the budget), notes per part,
-        feedback drops, errors, the responder's statistics.  ``recent``: the
+        feedback drops, errors, the responder's statistics, the input's
+        xruns, skipped cycles and dropped messages.  ``recent``: the
         percentiles of the last few thousand notes only (cheap, for live use)."""
         if recent:
             window = LatencyStats(self.cfg.latency.budget_ms, self.latency.samples_ns[-RECENT:])
@@ -896,6 +897,11 @@ class Engine:
         s["parts"] = {p: self.notes_out[p] for p in self.cfg.part_names}
         s.update({k.replace(" ", "_"): v for k, v in dict(self.counts).items()})  # a copy: the worker counts on
         s["responses"] = dict(getattr(self.responder, "stats", None) or {})
+        # The input client's view of the MIDI server, where the backend can tell
+        # (None otherwise): xruns, cycles the server skipped it, messages its reader dropped.
+        port = self.input
+        s["xruns"], s["skipped_cycles"], s["dropped_in"] = (
+            (port.xruns(), port.skipped_cycles(), port.overflowed()) if port is not None else (None, None, None))
         return s
 
     def sounding(self) -> bool:

@@ -89,6 +89,7 @@ static struct {
     size_t (*rb_write_space)(const jack_ringbuffer_t *);
     int (*rb_mlock)(jack_ringbuffer_t *);
     int (*set_xrun_callback)(jack_client_t *, int (*)(void *), void *); /* optional */
+    jack_nframes_t (*last_frame_time)(const jack_client_t *);           /* optional */
 } J;
 
 static void *libjack;
@@ -154,6 +155,7 @@ static int load(char *err, int errlen) {
     SYM(rb_mlock, "jack_ringbuffer_mlock");
 #undef SYM
     *(void **)(&J.set_xrun_callback) = dlsym(h, "jack_set_xrun_callback");
+    *(void **)(&J.last_frame_time) = dlsym(h, "jack_last_frame_time");
     libjack = h;
     return 0;
 }
@@ -193,6 +195,13 @@ typedef struct {
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
+    /* Cycles of JACK's frame time this client's callback never saw (a gap
+     * between two callbacks): JACK skipped the client, or the whole server
+     * stalled and jumped its time (then every client shows the gap).  MIDI
+     * sent to the client in a cycle it alone skipped is gone unread. */
+    volatile uint64_t skipped;
+    jack_nframes_t last_frame;    /* frame time of the previous callback's cycle */
+    int have_frame;
     volatile int shutdown;
     volatile int64_t idle_ns;     /* post an idle tick after this long without input (0: never) */
     int64_t last_post_ns;         /* start of the cycle that last posted (input or tick) */
@@ -212,6 +221,13 @@ static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
     int got = 0;
+    if (J.last_frame_time) {
+        jack_nframes_t frame = J.last_frame_time(c->client);
+        jack_nframes_t gap = frame - c->last_frame; /* unsigned: wraps correctly */
+        if (c->have_frame && gap > nframes) c->skipped += gap / nframes - 1;
+        c->last_frame = frame;
+        c->have_frame = 1;
+    }
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
         int state = p->state;
@@ -362,6 +378,8 @@ uint64_t cp_cycles(cp_client *c) { return c->cycles; }
 uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
 uint64_t cp_late_out(cp_client *c) { return c->late_out; }
 uint64_t cp_xruns(cp_client *c) { return c->xruns; }
+/* Cycles JACK skipped this client's callback, or -1 if this JACK cannot tell. */
+int64_t cp_skipped(cp_client *c) { return J.last_frame_time ? (int64_t)c->skipped : -1; }
 int cp_is_shutdown(cp_client *c) { return c->shutdown; }
 
 /* Until two more cycles have ended (a callback that saw the old state has

@@ -98,6 +98,7 @@ def _load() -> ctypes.CDLL:
         "cp_xruns": (ctypes.c_uint64, [c]),
         "cp_lost_in": (ctypes.c_uint64, [c]),
         "cp_late_out": (ctypes.c_uint64, [c]),
+        "cp_skipped": (i64, [c]),
     }
     for name, (res, args) in sig.items():
         try:
@@ -178,18 +179,31 @@ class _Client:
         cycle; MIDI on its way through the graph may be lost in one)."""
         return int(self.lib.cp_xruns(self.handle)) if self.handle is not None else 0
 
+    def skipped(self) -> int | None:
+        """Cycles of JACK's frame time this client's callback did not see: JACK
+        skipped it (MIDI sent to it then is lost unread), or the whole server
+        stalled (every client sees those).  None if this JACK cannot tell."""
+        if self.handle is None:
+            return 0
+        n = int(self.lib.cp_skipped(self.handle))
+        return n if n >= 0 else None
+
+    def overflowed(self) -> int:
+        """Input messages this client dropped because its reader fell behind."""
+        return int(self.lib.cp_lost_in(self.handle)) if self.handle is not None else 0
+
     def close(self) -> None:
         self._stop = True
         self.lib.cp_wake(self.handle)
         if self._reader is not threading.current_thread():
             self._reader.join()
-        lost = int(self.lib.cp_lost_in(self.handle))
+        lost = self.overflowed()
         if lost:
             log.warning("%d MIDI message(s) into JACK client %s were dropped: its reader fell behind", lost, self.name)
-        xruns = self.xruns()
-        if xruns:
-            log.debug("JACK reported %d xrun(s) while client %s ran (MIDI in the graph may be lost in one)",
-                      xruns, self.name)
+        xruns, skipped = self.xruns(), self.skipped()
+        if xruns or skipped:
+            log.debug("JACK reported %d xrun(s) while client %s ran and skipped %s of its cycles (MIDI in the "
+                      "graph may be lost in one)", xruns, self.name, "an unknown number" if skipped is None else skipped)
         late = int(self.lib.cp_late_out(self.handle))
         if late:  # delayed, not lost: the rest went out in the next cycle
             log.debug("%d time(s) client %s's output filled JACK's MIDI buffer in one cycle; the rest waited "
@@ -294,6 +308,14 @@ class _JackPort:
     def xruns(self) -> int | None:
         client = self._client_obj
         return client.xruns() if client is not None else None
+
+    def skipped_cycles(self) -> int | None:
+        client = self._client_obj
+        return client.skipped() if client is not None else None
+
+    def overflowed(self) -> int | None:
+        client = self._client_obj
+        return client.overflowed() if client is not None else None
 
     def _open_jack(self, kind: str, virtual: bool, client_name: str, own_name: str | None) -> None:
         client = _client(client_name)

@@ -199,6 +199,16 @@ class BasePort:
         cannot tell."""
         return None
 
+    def skipped_cycles(self) -> int | None:
+        """The MIDI server's cycles in which this port's client was not run
+        (messages sent to it then are lost), or None if the backend cannot tell."""
+        return None
+
+    def overflowed(self) -> int | None:
+        """Messages into this port's client dropped because its reader fell
+        behind, or None if the backend cannot tell."""
+        return None
+
     def __enter__(self):
         return self
 
