@@ -47,21 +47,15 @@ class InstrumentLSTM(StreamingModel):
     state_batch_dims = (1, 1)
 
     def __init__(self, n_features: int, n_parts: int, hidden: int = 192, layers: int = 2,
-                 pitch_dim: int = 16, dropout: float = 0.1, aux_classes: int = 0):
+                 pitch_dim: int = 16, dropout: float = 0.1):
         super().__init__()
         self.hparams = dict(n_features=n_features, n_parts=n_parts, hidden=hidden,
                             layers=layers, pitch_dim=pitch_dim, dropout=dropout)
-        if aux_classes:
-            self.hparams["aux_classes"] = aux_classes
         self.pitch = nn.Embedding(128, pitch_dim)
         self.inp = nn.Sequential(nn.Linear(n_features + pitch_dim, hidden), nn.GELU())
         self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, dropout=dropout)
         self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden * 2, hidden), nn.GELU(),
                                  nn.Linear(hidden, n_parts))
-        # Training only (see models.train_instrument.voicings): from the read-out's
-        # hidden layer, each part's note at this note's written onset.  The
-        # exported step never computes it.
-        self.aux = nn.Linear(hidden, n_parts * aux_classes) if aux_classes else None
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.hparams["layers"], batch, self.hparams["hidden"])
@@ -73,15 +67,6 @@ class InstrumentLSTM(StreamingModel):
         y, state = self.lstm(x, state)
         # A skip from the note's own features sharpens the read-out.
         return self.out(torch.cat([y, x], dim=-1)), state
-
-    def forward_aux(self, pitch: torch.Tensor, feats: torch.Tensor):
-        """:meth:`forward` for training with the voicing head: logits [B,T,K]
-        and voicing logits [B,T,K,aux_classes]."""
-        x = self.inp(torch.cat([self.pitch(pitch), feats], dim=-1))
-        y, _ = self.lstm(x)
-        z = self.out[:3](torch.cat([y, x], dim=-1))
-        aux = self.aux(z)
-        return self.out[3](z), aux.view(*aux.shape[:-1], self.hparams["n_parts"], -1)
 
     def step(self, pitch: torch.Tensor, feats: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """One note: pitch [B], feats [B,F], h/c [L,B,H] -> logits [B,K], h, c."""

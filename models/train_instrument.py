@@ -41,7 +41,6 @@ class Sequence:
     labels: np.ndarray  # [T] int64 (true parts; -1 unknown)
     preds: np.ndarray  # [T] int64 (the model's argmax)
     fed: np.ndarray  # [T] int64 (the parts fed back as history: own decision or truth)
-    notes: np.ndarray  # [T] int64 (the index of each step's note in its score)
 
 
 def progress(label: str, done: int, total: int, extra: str = "") -> None:
@@ -95,7 +94,7 @@ def rollout(model, perfs: list[Performance], spec: FeatureSpec, q: float,
 def _rollout_chunk(model, chunk, spec, q, rng):
     fzs = [Featurizer(spec) for _ in chunk]
     ptrs = [_next_on(f, p, 0) for f, p in zip(fzs, chunk)]
-    rec = [([], [], [], [], [], []) for _ in chunk]
+    rec = [([], [], [], [], []) for _ in chunk]
     rows = list(range(len(chunk)))  # the piece of each batch row; finished pieces leave the batch
     state = tuple(model.initial_state(len(rows)))
     while True:
@@ -118,34 +117,11 @@ def _rollout_chunk(model, chunk, spec, q, rng):
             label = int(perf.labels[ev.index])
             fed = int(preds[r]) if (label < 0 or rng.random() < q) else label
             fzs[b].commit(fed)
-            for lst, val in zip(rec[b], (pitch[r], feats[r].copy(), label, int(preds[r]), fed, ev.index)):
+            for lst, val in zip(rec[b], (pitch[r], feats[r].copy(), label, int(preds[r]), fed)):
                 lst.append(val)
             ptrs[b] = _next_on(fzs[b], perf, ptrs[b] + 1)
     return [Sequence(np.array(p, dtype=np.int64), np.stack(f), *(np.array(x, dtype=np.int64) for x in rest))
             for p, f, *rest in rec]
-
-
-AUX_SPAN = 24  # voicing targets: semitones either side of the note; one class more means "no note"
-
-
-def voicings(score, perf: Performance, n_parts: int) -> np.ndarray:
-    """The auxiliary targets of every note [N, n_parts]: each part's pitch at
-    the note's written onset, in semitones from the note's own (clipped to
-    +-AUX_SPAN, as classes 0..2*AUX_SPAN), 2*AUX_SPAN+1 where the part has
-    none.  At a chord's first note this is the rest of the chord to come:
-    a training signal richer than the note's part, and what the part follows
-    from."""
-    none = 2 * AUX_SPAN + 1
-    written = [round(n.onset_beats, 6) for n in score.notes]
-    at: dict[float, dict[int, int]] = {}
-    for i, onset in enumerate(written):
-        if perf.labels[i] >= 0:
-            at.setdefault(onset, {})[int(perf.labels[i])] = int(perf.pitches[i])
-    out = np.full((len(written), n_parts), none, dtype=np.int64)
-    for i, onset in enumerate(written):
-        for part, pitch in at[onset].items() if onset in at else ():
-            out[i, part] = min(max(pitch - int(perf.pitches[i]), -AUX_SPAN), AUX_SPAN) + AUX_SPAN
-    return out
 
 
 def accuracy(seqs: list[Sequence]) -> float:
@@ -154,9 +130,7 @@ def accuracy(seqs: list[Sequence]) -> float:
     return hits / max(total, 1)
 
 
-def batches(seqs: list[Sequence], size: int, rng: np.random.Generator, aux: list[np.ndarray] | None = None):
-    """Padded batches of similar lengths: pitch, feats, labels (and each
-    step's voicing targets when ``aux`` holds them per sequence)."""
+def batches(seqs: list[Sequence], size: int, rng: np.random.Generator):
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].labels))
     groups = [order[i:i + size] for i in range(0, len(order), size)]
     rng.shuffle(groups)
@@ -166,14 +140,10 @@ def batches(seqs: list[Sequence], size: int, rng: np.random.Generator, aux: list
         pitch = np.zeros((len(group), t), dtype=np.int64)
         feats = np.zeros((len(group), t, f), dtype=np.float32)
         labels = np.full((len(group), t), -1, dtype=np.int64)
-        targets = np.full((len(group), t, aux[0].shape[1] if aux else 0), -1, dtype=np.int64)
         for row, i in enumerate(group):
             n = len(seqs[i].labels)
             pitch[row, :n], feats[row, :n], labels[row, :n] = seqs[i].pitch, seqs[i].feats, seqs[i].labels
-            if aux:
-                targets[row, :n] = aux[i][seqs[i].notes]
-        batch = torch.from_numpy(pitch), torch.from_numpy(feats), torch.from_numpy(labels)
-        yield (*batch, torch.from_numpy(targets)) if aux else batch
+        yield torch.from_numpy(pitch), torch.from_numpy(feats), torch.from_numpy(labels)
 
 
 def validate(model, scores, spec, seed: int) -> dict[str, float]:
@@ -202,13 +172,7 @@ def train(args: argparse.Namespace) -> Path:
             raise SystemExit(f"{args.init} was trained with {model.hparams['n_features']} features, "
                              f"these options give {n_features}")
     else:
-        if args.aux_weight:
-            if args.model != "lstm":
-                raise SystemExit("--aux-weight: only the LSTM has the voicing head")
-            sizes["aux_classes"] = 2 * AUX_SPAN + 2
         model = ARCHS[args.model](n_features, len(SATB), **sizes)
-    if args.aux_weight and getattr(model, "aux", None) is None:
-        raise SystemExit(f"--aux-weight: {args.init} has no voicing head")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_scores) / args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch,
@@ -219,18 +183,12 @@ def train(args: argparse.Namespace) -> Path:
     best, history, t0 = -1.0, [], time.monotonic()
     for epoch in range(args.stop_after or args.epochs):
         q = min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
-        perfs = augmented(train_scores, rng)
-        seqs = rollout(model, perfs, spec, q, rng)
-        aux = [voicings(s, p, len(SATB)) for s, p in zip(train_scores, perfs)] if args.aux_weight else None
+        seqs = rollout(model, augmented(train_scores, rng), spec, q, rng)
         model.train()
         total, count = 0.0, 0
-        for step, (pitch, feats, labels, *targets) in enumerate(batches(seqs, args.batch, rng, aux)):
-            if targets:
-                logits, voicing = model.forward_aux(pitch, feats)
-                loss = args.aux_weight * loss_fn(voicing.reshape(-1, voicing.shape[-1]), targets[0].reshape(-1))
-            else:
-                (logits, _), loss = model(pitch, feats), 0.0
-            loss = loss + loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
+            logits, _ = model(pitch, feats)
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -280,9 +238,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="flag exactly simultaneous onsets (FeatureSpec.exact_flag)")
     p.add_argument("--pc-context", action=argparse.BooleanOptionalAction, default=False,
                    help="add the pitch classes of the last notes, relative to each note's (FeatureSpec.pc_context)")
-    p.add_argument("--aux-weight", type=float, default=0.0,
-                   help="LSTM: weight of an auxiliary loss predicting, at every note, each part's note "
-                        "at its written onset (the chord to come); 0: none")
     p.add_argument("--pct-start", type=float, default=0.1, help="share of steps warming the learning rate up")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N epochs of the --epochs schedule (a first stage before annealing)")
