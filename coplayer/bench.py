@@ -532,6 +532,14 @@ def _skipped_text(cp: int | None, bench: int | None) -> str:
             f"the bench's {unknown if bench is None else bench}")
 
 
+def lost_alone(sent: list[tuple[int, Message]], arrived) -> int:
+    """Note-ons that the single hop and the bare loop both delivered and
+    coplayer did not: its own losses.  The bare loop takes the same two JACK
+    hops; a note it lost in the same moments may have been lost in JACK."""
+    got = [match(sent, arrived, labels) for labels in ((MERGED,), ("hop",), ("floor",))]
+    return sum(1 for i, (_, m) in enumerate(sent) if is_on(m) and i not in got[0] and i in got[1] and i in got[2])
+
+
 @dataclass
 class Result:
     e2e_ms: list[float]
@@ -593,7 +601,8 @@ class Result:
                 lines.append(f"  {name:<13} end to end p50 {s['p50']:.3f} p99 {s['p99']:.3f} ms, "
                              f"floor p50 {b['p50']:.3f} p99 {b['p99']:.3f} ms")
         for s in self.steps:
-            lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}, stuck {s['stuck']}, "
+            alone = f" ({s['lost_alone']} of them the bare loop delivered)" if s["lost"] and "lost_alone" in s else ""
+            lines.append(f"  {s['rate']:>5} notes/s: {s['notes']} notes, lost {s['lost']}{alone}, stuck {s['stuck']}, "
                          f"fallback {s['misses']}, p99 {s['p99_ms']:.3f} ms"
                          + (f" (and {s['jack_lost']} lost by the single hop too)" if s.get("jack_lost") else "")
                          + (f" (the bare loop: lost {s['floor_lost']}, stuck {s['floor_stuck']})"
@@ -636,7 +645,7 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     floor_stuck = sum(sounding_after([e for e in arrived if e[0] == "floor"]).values())
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
             "misses": misses, "xruns": xruns, "floor_lost": floor_lost, "floor_stuck": floor_stuck,
-            "cp_skipped": cp_skipped, "bench_skipped": bench_skipped,
+            "cp_skipped": cp_skipped, "bench_skipped": bench_skipped, "lost_alone": lost_alone(sent, arrived),
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 

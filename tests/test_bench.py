@@ -7,7 +7,7 @@ import threading
 import time
 
 from coplayer.bench import (MERGED, SECTIONS, Result, StatsListener, by_section, free_udp_port, is_on,
-                            offs_reported, realistic, sounding_after)
+                            lost_alone, offs_reported, realistic, sounding_after)
 from coplayer.io.osc import OscOut
 
 
@@ -45,10 +45,12 @@ def test_a_rate_step_says_what_the_single_hop_and_the_bare_loop_lost_beside_copl
 
 def test_a_rate_step_says_how_many_cycles_jack_skipped_coplayers_client_and_the_benchs():
     step = {"rate": 1000, "notes": 3000, "lost": 9, "jack_lost": 0, "stuck": 2, "misses": 5, "p99_ms": 4.0,
-            "xruns": 10, "floor_lost": 0, "floor_stuck": 0, "ok": False, "cp_skipped": 12, "bench_skipped": 0}
+            "xruns": 10, "floor_lost": 0, "floor_stuck": 0, "ok": False, "cp_skipped": 12, "bench_skipped": 0,
+            "lost_alone": 9}
     unknown = {**step, "rate": 2000, "cp_skipped": None, "bench_skipped": None}
     lines = Result([1.0], [1.0], 1, 0, 0, 0, [step, unknown], xruns=10, skipped=(3, None)).report()
     [line] = [x for x in lines if "1000 notes/s" in x]
+    assert "lost 9 (9 of them the bare loop delivered), stuck 2" in line
     assert "10 JACK xruns; cycles JACK skipped: coplayer's client 12, the bench's 0 -> FAIL" in line
     [line] = [x for x in lines if "2000 notes/s" in x]
     assert "cycles JACK skipped" not in line  # a backend that cannot tell says nothing
@@ -77,3 +79,12 @@ def test_the_bench_reads_coplayers_port_counts_with_its_stats():
             assert listener.skipped() == skipped
     finally:
         listener.close()
+
+
+def test_a_note_is_coplayers_own_loss_only_if_the_hop_and_the_bare_loop_delivered_it():
+    sent = [(t * 1000, (0x90, 60 + t, 90)) for t in range(4)]
+    arrived = [("hop", (0x90, 60, 90), 500), ("floor", (0x90, 60, 90), 600),  # 60: coplayer alone lost it
+               ("hop", (0x90, 61, 90), 1500),  # 61: the bare loop lost it too
+               ("hop", (0x90, 62, 90), 2500), ("floor", (0x90, 62, 90), 2600), (MERGED, (0x90, 62, 90), 2700),
+               ("floor", (0x90, 63, 90), 3600)]  # 63: the hop lost it
+    assert lost_alone(sent, arrived) == 1
