@@ -561,6 +561,7 @@ class Result:
     # Cycles JACK skipped the callback of (coplayer's input client, the bench's
     # clients) while the realistic notes played: MIDI sent in one is lost in JACK.
     skipped: tuple = (None, None)
+    floor_stuck: int = 0  # notes the bare loop left sounding
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -586,7 +587,8 @@ class Result:
             f"over the floor: p50 +{e['p50'] - f['p50']:.3f} ms, p99 +{e['p99'] - f['p99']:.3f} ms; "
             f"lost {self.lost}, stuck {self.stuck} of {self.notes} "
             f"({self.stuck_reported_off} of the stuck ended by coplayer, per its OSC feed: lost after it) "
-            f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost})",
+            f"(and {self.jack_lost} lost by the single hop too; the bare loop lost {self.floor_lost}, "
+            f"left {self.floor_stuck} sounding)",
         ]
         if self.xruns is not None:
             lines.append(f"JACK xruns while the notes played: {self.xruns} "
@@ -689,6 +691,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
+        floor_stuck = sum(sounding_after([e for e in arrived if e[0] == "floor"]).values())
         reported = offs_reported(sounding, stats.messages[osc_from:])
         # Steps go on while nothing is lost: the highest rate with no fallback
         # either, and the highest with no loss (the fallback may route some).
@@ -705,7 +708,8 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
                 best = rate
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
                       list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
-                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns, lossless, skipped)
+                      {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns, lossless, skipped,
+                      floor_stuck)
     finally:
         if peer is not None:
             peer.close()
