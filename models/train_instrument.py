@@ -183,7 +183,7 @@ def train(args: argparse.Namespace) -> Path:
     best, history, t0 = -1.0, [], time.monotonic()
     for epoch in range(args.stop_after or args.epochs):
         q = min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
-        seqs = rollout(model, augmented(train_scores, rng), spec, q, rng)
+        seqs = rollout(model, augmented(train_scores, rng, args.p_exact), spec, q, rng)
         model.train()
         total, count = 0.0, 0
         for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
@@ -238,6 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="flag exactly simultaneous onsets (FeatureSpec.exact_flag)")
     p.add_argument("--pc-context", action=argparse.BooleanOptionalAction, default=False,
                    help="add the pitch classes of the last notes, relative to each note's (FeatureSpec.pc_context)")
+    p.add_argument("--p-exact", type=float, default=0.35,
+                   help="share of training performances with the score's exact timing and order (protocol a); "
+                        "the rest are played as a person would (protocol b)")
     p.add_argument("--pct-start", type=float, default=0.1, help="share of steps warming the learning rate up")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N epochs of the --epochs schedule (a first stage before annealing)")
