@@ -319,7 +319,7 @@ class Peer:
     def skipped(self) -> int | None:
         """Cycles of JACK's frame time this peer's sending or listening client
         did not see so far, the larger of the two (None where the backend
-        cannot tell): the server's stalls, and the peer's own skips."""
+        cannot tell)."""
         clients = [self.out, *list(self.inputs.values())[:1]]  # the inputs share one client
         counts = [port.skipped_cycles() for port in clients]
         return None if None in counts else max(counts)
@@ -522,9 +522,10 @@ def latencies(sent: list[tuple[int, Message]], arrived, labels=PARTS) -> tuple[l
 
 
 def _skipped_text(cp: int | None, bench: int | None) -> str:
-    """Cycles of JACK's frame time each side's clients did not see.  A stall
-    of the whole server shows on both sides; cycles that coplayer's client
-    alone skipped are ones where notes sent to it were lost in JACK."""
+    """Cycles of JACK's frame time each side's clients did not see.  A client
+    late in the graph makes the clients after it miss those cycles too, so
+    both sides often show them; cycles that coplayer's client alone missed
+    are ones where notes sent to it were lost in JACK."""
     if cp is None and bench is None:
         return ""
     unknown = "?"

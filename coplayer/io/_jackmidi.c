@@ -196,9 +196,10 @@ typedef struct {
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
     /* Cycles of JACK's frame time this client's callback never saw (a gap
-     * between two callbacks): JACK skipped the client, or the whole server
-     * stalled and jumped its time (then every client shows the gap).  MIDI
-     * sent to the client in a cycle it alone skipped is gone unread. */
+     * between two callbacks): the client, or one before it in the graph,
+     * was late and JACK went on without it.  MIDI sent to it in such a cycle
+     * is gone unread.  A stall of the server itself (measured: jackd stopped
+     * for 0.1 s) shows as about one cycle: its time does not jump. */
     volatile uint64_t skipped;
     jack_nframes_t last_frame;    /* frame time of the previous callback's cycle */
     int have_frame;

@@ -180,9 +180,10 @@ class _Client:
         return int(self.lib.cp_xruns(self.handle)) if self.handle is not None else 0
 
     def skipped(self) -> int | None:
-        """Cycles of JACK's frame time this client's callback did not see: JACK
-        skipped it (MIDI sent to it then is lost unread), or the whole server
-        stalled (every client sees those).  None if this JACK cannot tell."""
+        """Cycles of JACK's frame time this client's callback did not see: it,
+        or a client before it in the graph, was late and JACK went on without
+        it (MIDI sent to it then is lost unread).  A stall of the server itself
+        barely shows.  None if this JACK cannot tell."""
         if self.handle is None:
             return 0
         n = int(self.lib.cp_skipped(self.handle))
