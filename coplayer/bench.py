@@ -472,6 +472,11 @@ def sounding_after(events) -> dict[tuple[str, int, int], int]:
     return {k: v for k, v in count.items() if v}
 
 
+def stuck_on(arrived, label: str) -> int:
+    """Notes left sounding on input ``label`` (see :func:`sounding_after`)."""
+    return sum(sounding_after([e for e in arrived if e[0] == label]).values())
+
+
 def offs_reported(stuck: dict[tuple[str, int, int], int], osc: list[tuple[str, tuple]]) -> int:
     """How many of the ``stuck`` notes (``sounding_after`` of the merged
     input; channel n is part n) coplayer reported, on its OSC note feed, as
@@ -642,10 +647,10 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     cp_skipped, bench_skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
     ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
-    stuck = sum(sounding_after([e for e in arrived if e[0] == MERGED]).values())
+    stuck = stuck_on(arrived, MERGED)
     # The bare loop hears the step too: a loss it shares in the same xruns is JACK's on this machine.
     _, floor_lost, _ = latencies(sent, arrived, ("floor",))
-    floor_stuck = sum(sounding_after([e for e in arrived if e[0] == "floor"]).values())
+    floor_stuck = stuck_on(arrived, "floor")
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
             "misses": misses, "xruns": xruns, "floor_lost": floor_lost, "floor_stuck": floor_stuck,
             "cp_skipped": cp_skipped, "bench_skipped": bench_skipped, "lost_alone": lost_alone(sent, arrived),
@@ -692,7 +697,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
-        floor_stuck = sum(sounding_after([e for e in arrived if e[0] == "floor"]).values())
+        floor_stuck = stuck_on(arrived, "floor")
         reported = offs_reported(sounding, stats.messages[osc_from:])
         # Steps go on while nothing is lost: the highest rate with no fallback
         # either, and the highest with no loss (the fallback may route some).
