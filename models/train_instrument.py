@@ -9,6 +9,14 @@ a probability that grows over training (scheduled sampling, DAgger-style):
 the model learns from the histories it will itself produce live.  It then
 trains on those feature sequences with the true parts as targets.  Features
 come from the runtime featurizer, so training and live play share one code.
+
+The rollout (the featurizer, in Python, at every note) costs as much as the
+training itself.  With ``--workers 1`` (the default) a second process rolls
+out the next epoch while this one trains and validates, with the weights of
+the epoch before (one epoch stale): an epoch takes about half the time on two
+cores.  The result depends on the seed only, not on the timing; it differs
+from ``--workers 0`` (all in one process), whose random draws come in
+another order.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import queue
 import sys
 import time
 from dataclasses import dataclass
@@ -146,6 +156,74 @@ def batches(seqs: list[Sequence], size: int, rng: np.random.Generator):
         yield torch.from_numpy(pitch), torch.from_numpy(feats), torch.from_numpy(labels)
 
 
+def _rollout_worker(jobs, results, scores, kind: str, hparams: dict, spec_kwargs: dict, p_exact: float,
+                    seed: int) -> None:
+    """The rollout process: for each (weights, q) received, send back one epoch's sequences."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    spec = FeatureSpec(**spec_kwargs)
+    model = ARCHS[kind](**hparams)
+    while (job := jobs.get()) is not None:
+        weights, q = job
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        seqs = rollout(model, augmented(scores, rng, p_exact), spec, q, rng)
+        # Plain arrays: no class to resolve in the other process.
+        results.put([(s.pitch, s.feats, s.labels, s.preds, s.fed) for s in seqs])
+
+
+class Rollouts:
+    """Each epoch's training sequences, rolled out in this process or, pipelined, in a worker.
+
+    :meth:`get` returns an epoch's sequences; :meth:`trained` says that the
+    model has trained on them.  With a worker, the rollout of epoch e+1
+    (with the weights after epoch e-1) runs while epoch e trains.
+    """
+
+    def __init__(self, model, scores, spec_kwargs: dict, args, rng, q_of):
+        self.model, self.scores, self.args, self.rng, self.q_of = model, scores, args, rng, q_of
+        self.spec = FeatureSpec(**spec_kwargs)
+        self.proc = None
+        if args.workers:
+            ctx = multiprocessing.get_context("spawn")  # never fork a process that runs torch threads
+            # Queues, not a pipe: their feeder threads never block a sender (a pipe deadlocks
+            # when both ends send a message larger than its buffer at once).
+            self.jobs, self.results = ctx.Queue(), ctx.Queue()
+            self.proc = ctx.Process(target=_rollout_worker, daemon=True,
+                                    args=(self.jobs, self.results, scores, model.kind, model.hparams, spec_kwargs,
+                                          args.p_exact, args.seed + 1))
+            self.proc.start()
+            for epoch in (0, 1):  # the first two epochs both roll out the initial weights
+                self._send(epoch)
+
+    def _send(self, epoch: int) -> None:
+        if epoch < (self.args.stop_after or self.args.epochs):
+            weights = {k: v.detach().numpy().copy() for k, v in self.model.state_dict().items()}
+            self.jobs.put((weights, self.q_of(epoch)))
+
+    def get(self, epoch: int) -> list[Sequence]:
+        if self.proc is None:
+            return rollout(self.model, augmented(self.scores, self.rng, self.args.p_exact), self.spec,
+                           self.q_of(epoch), self.rng)
+        while True:
+            try:
+                return [Sequence(*arrays) for arrays in self.results.get(timeout=1.0)]
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise SystemExit(f"the rollout worker stopped (exit code {self.proc.exitcode})") from None
+
+    def trained(self, epoch: int) -> None:
+        if self.proc is not None:
+            self._send(epoch + 2)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        self.jobs.put(None)
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 def validate(model, scores, spec, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     result = {}
@@ -155,13 +233,47 @@ def validate(model, scores, spec, seed: int) -> dict[str, float]:
     return result
 
 
+def _epochs(args, model, opt, sched, rollouts: Rollouts, valid_scores, spec, out: Path,
+            steps_per_epoch: int, rng) -> tuple[float, list[dict]]:
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
+    best, history, t0 = -1.0, [], time.monotonic()
+    for epoch in range(args.stop_after or args.epochs):
+        q, seqs = rollouts.q_of(epoch), rollouts.get(epoch)
+        model.train()
+        total, count = 0.0, 0
+        for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
+            logits, _ = model(pitch, feats)
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total, count = total + loss.item(), count + 1
+            progress(f"epoch {epoch + 1}/{args.epochs}", step + 1, steps_per_epoch, f"loss {total / count:.4f}")
+        rollouts.trained(epoch)  # the worker starts the epoch after next with these weights
+        val = validate(model, valid_scores, spec, args.seed)
+        score = (val["a"] + val["b"]) / 2
+        row = dict(epoch=epoch + 1, q=round(q, 3), loss=total / count, train_rollout_acc=accuracy(seqs),
+                   valid_a=val["a"], valid_b=val["b"], minutes=(time.monotonic() - t0) / 60)
+        history.append(row)
+        print(f"epoch {epoch + 1}: q={q:.2f} loss={row['loss']:.4f} rollout={row['train_rollout_acc']:.4f} "
+              f"valid a={val['a']:.4f} b={val['b']:.4f} ({row['minutes']:.1f} min)", flush=True)
+        if score > best:
+            best = score
+            torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, "kind": model.kind,
+                        "epoch": epoch + 1, "valid": val}, out / "checkpoint.pt")
+    return best, history
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     train_scores, valid_scores = load_split("train"), load_split("valid")
-    spec = FeatureSpec(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion,
+    spec_kwargs = dict(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion,
                        exact_flag=args.exact_flag, pc_context=args.pc_context)
+    spec = FeatureSpec(**spec_kwargs)
     n_features = Featurizer(spec).size
     sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
     if args.init:
@@ -177,36 +289,17 @@ def train(args: argparse.Namespace) -> Path:
     steps_per_epoch = math.ceil(len(train_scores) / args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch,
                                                 pct_start=args.pct_start)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    best, history, t0 = -1.0, [], time.monotonic()
-    for epoch in range(args.stop_after or args.epochs):
-        q = min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
-        seqs = rollout(model, augmented(train_scores, rng, args.p_exact), spec, q, rng)
-        model.train()
-        total, count = 0.0, 0
-        for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
-            logits, _ = model(pitch, feats)
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total, count = total + loss.item(), count + 1
-            progress(f"epoch {epoch + 1}/{args.epochs}", step + 1, steps_per_epoch, f"loss {total / count:.4f}")
-        val = validate(model, valid_scores, spec, args.seed)
-        score = (val["a"] + val["b"]) / 2
-        row = dict(epoch=epoch + 1, q=round(q, 3), loss=total / count, train_rollout_acc=accuracy(seqs),
-                   valid_a=val["a"], valid_b=val["b"], minutes=(time.monotonic() - t0) / 60)
-        history.append(row)
-        print(f"epoch {epoch + 1}: q={q:.2f} loss={row['loss']:.4f} rollout={row['train_rollout_acc']:.4f} "
-              f"valid a={val['a']:.4f} b={val['b']:.4f} ({row['minutes']:.1f} min)", flush=True)
-        if score > best:
-            best = score
-            torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, "kind": model.kind,
-                        "epoch": epoch + 1, "valid": val}, out / "checkpoint.pt")
+
+    def q_of(epoch: int) -> float:  # the share of own decisions fed back in the rollout
+        return min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
+
+    rollouts = Rollouts(model, train_scores, spec_kwargs, args, rng, q_of)
+    try:
+        best, history = _epochs(args, model, opt, sched, rollouts, valid_scores, spec, out, steps_per_epoch, rng)
+    finally:
+        rollouts.close()
     manifest = load_manifest()
     (out / "train-args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     (out / "encoding.json").write_text(json.dumps({
@@ -246,7 +339,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after N epochs of the --epochs schedule (a first stage before annealing)")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from a checkpoint.pt (fine-tuning, annealing)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    p.add_argument("--workers", type=int, choices=(0, 1), default=1,
+                   help="1: a second process rolls out the next epoch while this one trains (two cores); "
+                        "0: all in one process")
     p.add_argument("--out", default="runs/instrument-lstm")
     return p.parse_args(argv)
 
