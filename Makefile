@@ -30,15 +30,16 @@ train: train-instrument train-continue train-markov
 train-markov: $(BIN)/.dev
 	$(BIN)/python -m coplayer.gen.markov
 
-# The shipped instrumentation LSTM (2x128, with the harmonic context feature): an
-# 88-epoch one-cycle schedule whose feedback of the model's own decisions grows
+# The shipped instrumentation LSTM (2x128, with the harmonic context feature): a
+# 150-epoch one-cycle schedule whose feedback of the model's own decisions grows
 # from q 0.3 to 1 over the first half, nine in ten training performances played
 # as a person would (--p-exact 0.1: one in ten with the score's exact timing),
 # export with a parity check, and the test accuracies recorded in the card.
-# One process, one thread (about 26 minutes here): the shipped model was
-# trained so (--workers 0), and it is seeded.
+# Two processes, one thread each (a worker rolls out the next epoch while the
+# trainer trains): about 25 minutes on 2 cores here.  Seeded; seed 3 had the
+# best validation accuracy of seeds 1-3.
 train-instrument: $(BIN)/.dev
-	$(BIN)/coplayer train instrument --hidden 128 --threads 1 --workers 0 --epochs 88 --pc-context --p-exact 0.1 --out runs/instrument-lstm
+	$(BIN)/coplayer train instrument --hidden 128 --epochs 150 --seed 3 --pc-context --p-exact 0.1 --out runs/instrument-lstm
 	$(BIN)/python -m export.instrument runs/instrument-lstm --name instrument-lstm
 	$(BIN)/coplayer eval instrument --models instrument-lstm --record
 
