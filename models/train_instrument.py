@@ -156,12 +156,11 @@ def batches(seqs: list[Sequence], size: int, rng: np.random.Generator):
         yield torch.from_numpy(pitch), torch.from_numpy(feats), torch.from_numpy(labels)
 
 
-def _rollout_worker(jobs, results, scores, kind: str, hparams: dict, spec_kwargs: dict, p_exact: float,
+def _rollout_worker(jobs, results, scores, kind: str, hparams: dict, spec: FeatureSpec, p_exact: float,
                     seed: int) -> None:
     """The rollout process: for each (weights, q) received, send back one epoch's sequences."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
-    spec = FeatureSpec(**spec_kwargs)
     model = ARCHS[kind](**hparams)
     while (job := jobs.get()) is not None:
         weights, q = job
@@ -176,12 +175,12 @@ class Rollouts:
 
     :meth:`get` returns an epoch's sequences; :meth:`trained` says that the
     model has trained on them.  With a worker, the rollout of epoch e+1
-    (with the weights after epoch e-1) runs while epoch e trains.
+    (with the weights after epoch e-1) runs while epoch e trains.  Used as a
+    context manager, it stops the worker on the way out.
     """
 
-    def __init__(self, model, scores, spec_kwargs: dict, args, rng, q_of):
-        self.model, self.scores, self.args, self.rng, self.q_of = model, scores, args, rng, q_of
-        self.spec = FeatureSpec(**spec_kwargs)
+    def __init__(self, model, scores, spec: FeatureSpec, args, rng, q_of):
+        self.model, self.scores, self.spec, self.args, self.rng, self.q_of = model, scores, spec, args, rng, q_of
         self.proc = None
         if args.workers:
             ctx = multiprocessing.get_context("spawn")  # never fork a process that runs torch threads
@@ -189,7 +188,7 @@ class Rollouts:
             # when both ends send a message larger than its buffer at once).
             self.jobs, self.results = ctx.Queue(), ctx.Queue()
             self.proc = ctx.Process(target=_rollout_worker, daemon=True,
-                                    args=(self.jobs, self.results, scores, model.kind, model.hparams, spec_kwargs,
+                                    args=(self.jobs, self.results, scores, model.kind, model.hparams, spec,
                                           args.p_exact, args.seed + 1))
             self.proc.start()
             for epoch in (0, 1):  # the first two epochs both roll out the initial weights
@@ -215,6 +214,12 @@ class Rollouts:
         if self.proc is not None:
             self._send(epoch + 2)
 
+    def __enter__(self) -> "Rollouts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.proc is None:
             return
@@ -233,47 +238,13 @@ def validate(model, scores, spec, seed: int) -> dict[str, float]:
     return result
 
 
-def _epochs(args, model, opt, sched, rollouts: Rollouts, valid_scores, spec, out: Path,
-            steps_per_epoch: int, rng) -> tuple[float, list[dict]]:
-    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
-    best, history, t0 = -1.0, [], time.monotonic()
-    for epoch in range(args.stop_after or args.epochs):
-        q, seqs = rollouts.q_of(epoch), rollouts.get(epoch)
-        model.train()
-        total, count = 0.0, 0
-        for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
-            logits, _ = model(pitch, feats)
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total, count = total + loss.item(), count + 1
-            progress(f"epoch {epoch + 1}/{args.epochs}", step + 1, steps_per_epoch, f"loss {total / count:.4f}")
-        rollouts.trained(epoch)  # the worker starts the epoch after next with these weights
-        val = validate(model, valid_scores, spec, args.seed)
-        score = (val["a"] + val["b"]) / 2
-        row = dict(epoch=epoch + 1, q=round(q, 3), loss=total / count, train_rollout_acc=accuracy(seqs),
-                   valid_a=val["a"], valid_b=val["b"], minutes=(time.monotonic() - t0) / 60)
-        history.append(row)
-        print(f"epoch {epoch + 1}: q={q:.2f} loss={row['loss']:.4f} rollout={row['train_rollout_acc']:.4f} "
-              f"valid a={val['a']:.4f} b={val['b']:.4f} ({row['minutes']:.1f} min)", flush=True)
-        if score > best:
-            best = score
-            torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, "kind": model.kind,
-                        "epoch": epoch + 1, "valid": val}, out / "checkpoint.pt")
-    return best, history
-
-
 def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     train_scores, valid_scores = load_split("train"), load_split("valid")
-    spec_kwargs = dict(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion,
+    spec = FeatureSpec(n_parts=len(SATB), resort_chords=args.resort, motion=args.motion,
                        exact_flag=args.exact_flag, pc_context=args.pc_context)
-    spec = FeatureSpec(**spec_kwargs)
     n_features = Featurizer(spec).size
     sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
     if args.init:
@@ -289,17 +260,41 @@ def train(args: argparse.Namespace) -> Path:
     steps_per_epoch = math.ceil(len(train_scores) / args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch,
                                                 pct_start=args.pct_start)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    best, history, t0 = -1.0, [], time.monotonic()
 
     def q_of(epoch: int) -> float:  # the share of own decisions fed back in the rollout
         return min(1.0, args.q_start + (1.0 - args.q_start) * epoch / max(1, args.q_ramp * args.epochs))
 
-    rollouts = Rollouts(model, train_scores, spec_kwargs, args, rng, q_of)
-    try:
-        best, history = _epochs(args, model, opt, sched, rollouts, valid_scores, spec, out, steps_per_epoch, rng)
-    finally:
-        rollouts.close()
+    with Rollouts(model, train_scores, spec, args, rng, q_of) as rollouts:
+        for epoch in range(args.stop_after or args.epochs):
+            q, seqs = q_of(epoch), rollouts.get(epoch)
+            model.train()
+            total, count = 0.0, 0
+            for step, (pitch, feats, labels) in enumerate(batches(seqs, args.batch, rng)):
+                logits, _ = model(pitch, feats)
+                loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                total, count = total + loss.item(), count + 1
+                progress(f"epoch {epoch + 1}/{args.epochs}", step + 1, steps_per_epoch, f"loss {total / count:.4f}")
+            rollouts.trained(epoch)  # the worker starts the epoch after next with these weights
+            val = validate(model, valid_scores, spec, args.seed)
+            score = (val["a"] + val["b"]) / 2
+            row = dict(epoch=epoch + 1, q=round(q, 3), loss=total / count, train_rollout_acc=accuracy(seqs),
+                       valid_a=val["a"], valid_b=val["b"], minutes=(time.monotonic() - t0) / 60)
+            history.append(row)
+            print(f"epoch {epoch + 1}: q={q:.2f} loss={row['loss']:.4f} rollout={row['train_rollout_acc']:.4f} "
+                  f"valid a={val['a']:.4f} b={val['b']:.4f} ({row['minutes']:.1f} min)", flush=True)
+            if score > best:
+                best = score
+                torch.save({"state_dict": model.state_dict(), "hparams": model.hparams, "kind": model.kind,
+                            "epoch": epoch + 1, "valid": val}, out / "checkpoint.pt")
     manifest = load_manifest()
     (out / "train-args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     (out / "encoding.json").write_text(json.dumps({

@@ -40,7 +40,7 @@ def test_the_rollout_worker_rolls_out_what_this_process_would_with_the_weights_i
     def q_of(epoch):
         return (0.2, 0.6, 1.0)[epoch]
 
-    rollouts = Rollouts(model, scores, SPEC, args, np.random.default_rng(0), q_of)
+    rollouts = Rollouts(model, scores, spec, args, np.random.default_rng(0), q_of)
     try:
         first, second = rollouts.get(0), rollouts.get(1)  # both from the initial weights
         initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -67,7 +67,7 @@ def test_a_worker_that_dies_stops_training_with_a_message():
     scores = load_split("test")[:1]
     model = InstrumentLSTM(Featurizer(FeatureSpec(**SPEC)).size, 4, hidden=8, layers=1, dropout=0.0)
     args = argparse.Namespace(workers=1, epochs=1, stop_after=None, p_exact=0.5, seed=1)
-    rollouts = Rollouts(model, scores, SPEC, args, np.random.default_rng(0), lambda epoch: 1.0)
+    rollouts = Rollouts(model, scores, FeatureSpec(**SPEC), args, np.random.default_rng(0), lambda epoch: 1.0)
     try:
         rollouts.get(0)  # the one job sent (a single epoch)
         rollouts.proc.kill()
