@@ -243,7 +243,8 @@ class Recovered:
 
     def message(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return (f"recovered the session of {when} ({self.played} notes played, {self.answered} from coplayer) "
+        notes = "note" if self.played == 1 else "notes"
+        return (f"recovered the session of {when} ({self.played} {notes} played, {self.answered} from coplayer) "
                 f"from a run that did not finish: {self.path}")
 
 

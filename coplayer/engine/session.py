@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -86,16 +87,16 @@ def folder_problem(directory: str | Path) -> str | None:
 
 
 def prepare_folder(directory: str | Path) -> Path:
-    """Create ``directory`` if missing and check that files can be written in it;
+    """Create ``directory`` if missing, after checking that it can hold files;
     :class:`SessionError` (one line) otherwise."""
     path = Path(directory)
+    problem = folder_problem(path)
+    if problem:
+        raise SessionError(f"session.directory: {problem}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SessionError(f"session.directory: cannot create {str(path)!r}: {exc.strerror or exc}") from None
-    problem = folder_problem(path)
-    if problem:
-        raise SessionError(f"session.directory: {problem}")
     return path
 
 
@@ -242,19 +243,27 @@ def write_atomically(path: Path, write: Callable) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        # os.open, not mkstemp: the file gets the umask's mode (mkstemp's is 0600), as any the user writes
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, MidiFileError) as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            _unlink_quietly(tmp)
         cause = exc.__cause__ if isinstance(exc, MidiFileError) else exc
         reason = getattr(cause, "strerror", None) or str(cause)
         raise SessionError(f"cannot write the session to {path}: {reason}") from None
     return path
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # the folder went: nothing is left to remove
+        pass
 
 
 def _copy(note: Note, duration_beats: float | None = None) -> Note:
