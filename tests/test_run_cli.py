@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,3 +270,36 @@ def test_run_whose_ports_are_lost_says_so_once_writes_the_session_once_and_exits
     text = out.getvalue() + caplog.text
     assert text.count("wrote the session") == 1 and text.count("coplayer's ports are gone") == 1
     assert len(list(tmp_path.glob("session-*.mid"))) == 1 and not list(tmp_path.glob(".session-*"))
+
+
+def test_the_session_is_written_past_the_budget_with_a_warning(tmp_path, caplog):
+    """A snapshot is refused past session.max_mb; the whole session never is."""
+    (tmp_path / "session-old.mid").write_bytes(b"\0" * 1_200_000)
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "session.max_mb=1",
+                                               f"session.directory={tmp_path}"])
+    out = io.StringIO()
+    assert run(cfg, quiet=True, model="zone", stream=out, duration=0.2) == 0
+    assert len(list(tmp_path.glob("session-*.mid"))) == 2 and "wrote the session to" in out.getvalue()
+    assert "holds 1 MB, session.max_mb is 1 (coplayer deletes no recording" in caplog.text
+
+
+def test_a_session_folder_removed_while_playing_is_made_again_at_the_end(tmp_path):
+    folder = tmp_path / "sessions"
+    piece = write_piece(tmp_path / "short.mid", [(60, 0.0, 0.2), (64, 0.3, 0.2)])
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "mode=instrument",
+                                               f"session.directory={folder}"])
+    removed = []
+
+    def remove_once_made() -> None:
+        while not list(folder.glob(".session-*.journal")):
+            time.sleep(0.005)
+        shutil.rmtree(folder)
+        removed.append(True)
+
+    remover = threading.Thread(target=remove_once_made, daemon=True)
+    remover.start()
+    assert run(cfg, input_file=str(piece), quiet=True, model="zone", stream=io.StringIO(), duration=5.0) == 0
+    remover.join(timeout=5)
+    assert removed
+    (session,) = folder.iterdir()
+    assert sum(1 for m in mido.MidiFile(session).tracks[-1] if m.type == "note_on" and m.velocity) == 2

@@ -52,8 +52,8 @@ from coplayer.engine.router import (BEND, CONTROL, NOTE_OFF, NOTE_ON, POLY_PRESS
                                     ControllerMirror, FeedbackGuard, Router, Target, note_off_of)
 from coplayer.engine.session import SessionRecorder, SnapshotGate, prepare_folder, session_path
 from coplayer.engine.stats import LatencyStats
-from coplayer.io.clock import InternalClock, make_clock
 from coplayer.errors import SessionError
+from coplayer.io.clock import InternalClock, make_clock
 from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -379,15 +379,7 @@ def run(cfg: "Config", *, input_file: str | None = None, quiet: bool = False, ap
     cfg = _with_api(cfg, api)
     messages = file_messages(input_file) if input_file else None
     journal = open_session(cfg)
-    try:
-        live = build_live(cfg, model=model)
-    except BaseException:
-        if journal is not None:
-            journal.close(remove=True)
-        raise
-    if journal is not None:
-        engine = live.engine
-        journal.start(engine.recorder, lambda: engine.clock.bpm, cfg.session.journal_interval_s)
+    live = _build_journalled(cfg, model, journal)
     stop = threading.Event()
     previous = _on_sigterm(stop)
     feeder = view = None
@@ -422,6 +414,20 @@ def open_session(cfg: "Config") -> Journal | None:
     for found in recover(folder):
         log.warning("%s", found.message())
     return Journal.create(folder, {**session_tracks(cfg), "bpm": cfg.tempo.bpm})
+
+
+def _build_journalled(cfg: "Config", model: str | None, journal: Journal | None) -> Live:
+    """:func:`build_live`, its recorder followed by ``journal`` (removed if the ports do not open)."""
+    try:
+        live = build_live(cfg, model=model)
+    except BaseException:
+        if journal is not None:
+            journal.close(remove=True)
+        raise
+    if journal is not None:
+        engine = live.engine
+        journal.start(engine.recorder, lambda: engine.clock.bpm, cfg.session.journal_interval_s)
+    return live
 
 
 def _finish(live: Live, feeder: Feeder | None, view: LiveView | None) -> None:
