@@ -32,3 +32,7 @@ class PortNotFoundError(CoplayerError, OSError):
 
 class MissingExtraError(CoplayerError, ImportError):
     """A command needs an optional dependency that is not installed."""
+
+
+class SessionError(CoplayerError, OSError):
+    """The session folder or a session file cannot be written."""
