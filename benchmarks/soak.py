@@ -2,9 +2,11 @@
 
     python benchmarks/soak.py --minutes 10 [--rate 40] [--seed 0] [--json] [--load]
                               [--bucket-s 60] [--sample-s 5] [--warmup-s 60]
+                              [--mode both] [--set KEY=VALUE ...]
 
 Starts ``coplayer run --api jack`` (mode ``both``: it instruments the notes
-and answers in the rests) and the bare loop (``python -m coplayer.io.thru``)
+and answers in the rests; ``--set`` changes its configuration as ``coplayer
+run --set`` does) and the bare loop (``python -m coplayer.io.thru``)
 as separate processes, with the pieces of ``coplayer bench``
 (:mod:`coplayer.bench`), and plays into both, for ``--minutes``, a seeded
 stream of phrases at 30-50 MIDI messages a second (``--rate`` is their
@@ -280,17 +282,18 @@ def _p(ms: list[float], q: str) -> float | None:
 
 
 def per_bucket(sent: list[tuple[int, Message]], arrived, origin_ns: int, samples: list[Sample], seconds: float,
-               width_s: float) -> list[dict]:
+               width_s: float, phrases: list[tuple[float, float]] = ()) -> list[dict]:
     """Per bucket: note-ons sent, coplayer's and the bare loop's end-to-end
     p50/p99 (ms), the notes each lost (that the single hop delivered, as
-    ``coplayer bench`` counts them), xruns (the bench's client, coplayer's
+    ``coplayer bench`` counts them), coplayer's answers (its note-ons outside
+    the ``phrases``, by arrival), xruns (the bench's client, coplayer's
     input), coplayer's fallback decisions and CPU % (coplayer, bare loop).
     The last bucket's xruns and CPU run to the last message sent (the wait
     for the last answer after it is not counted)."""
     n = bucket_count(seconds, width_s)
     e2e, floor, hop = (match(sent, arrived, labels) for labels in (OUTPUTS, ("floor",), ("hop",)))
-    rows = [{"bucket": b, "notes": 0, "e2e": [], "floor": [], "lost": 0, "floor_lost": 0, "jack_lost": 0}
-            for b in range(n)]
+    rows = [{"bucket": b, "notes": 0, "e2e": [], "floor": [], "lost": 0, "floor_lost": 0, "jack_lost": 0,
+             "answers": 0} for b in range(n)]
     for i, (t, msg) in enumerate(sent):
         if not is_on(msg):
             continue
@@ -302,6 +305,10 @@ def per_bucket(sent: list[tuple[int, Message]], arrived, origin_ns: int, samples
         row["lost"] += i in hop and i not in e2e
         row["floor_lost"] += i in hop and i not in floor
         row["jack_lost"] += i not in hop
+    for label, msg, t in arrived:
+        t_s = (t - origin_ns) / 1e9
+        if label in OUTPUTS and is_on(msg) and not in_phrases(t_s, phrases):
+            rows[bucket_of(t_s, width_s, n)]["answers"] += 1
     end_s = max(seconds, (sent[-1][0] - origin_ns) / 1e9) if sent else seconds
     for row in rows:
         t0, t1 = row["bucket"] * width_s, (row["bucket"] + 1) * width_s if row["bucket"] < n - 1 else end_s
@@ -388,6 +395,8 @@ class Soak:
     seed: int
     load: bool
     bucket_s: float
+    mode: str
+    settings: dict
     warmup_s: float
     events: int = 0  # MIDI messages sent
     notes: int = 0  # note-ons sent
@@ -423,18 +432,19 @@ class Soak:
 
     def report(self) -> list[str]:
         seconds = self.minutes * 60
-        lines = [f"soak: {self.minutes:g} min, seed {self.seed}, {self.events} MIDI messages "
+        sets = "".join(f", {k}={v}" for k, v in self.settings.items())
+        lines = [f"soak: {self.minutes:g} min, seed {self.seed}, mode {self.mode}{sets}, {self.events} MIDI messages "
                  f"({self.events / seconds:.1f}/s overall, {self.events / max(self.playing_s, 1e-9):.1f}/s while "
                  f"playing, {self.playing_s / seconds:.0%} of the time), {self.notes} notes; "
                  f"coplayer answered with {self.answer_notes} notes"
                  + ("; beside a chain of two more bare loops (--load)" if self.load else "")]
         lines.append(f"{'bucket':>6} {'notes':>6} {'coplayer p50/p99 ms':>20} {'bare loop p50/p99 ms':>21} "
-                     f"{'lost':>5} {'bare lost':>9} {'xruns':>6} {'cp xruns':>8} {'fallback':>8} "
+                     f"{'lost':>5} {'bare lost':>9} {'answers':>7} {'xruns':>6} {'cp xruns':>8} {'fallback':>8} "
                      f"{'CPU %':>6} {'bare CPU %':>10}")
         for b in self.buckets:
             lines.append(f"{b['start_s']:>5.0f}s {b['notes']:>6} "
                          f"{_pair(b['e2e_p50_ms'], b['e2e_p99_ms']):>20} {_pair(b['floor_p50_ms'], b['floor_p99_ms']):>21} "
-                         f"{b['lost']:>5} {b['floor_lost']:>9} {_n(b['xruns']):>6} {_n(b['cp_xruns']):>8} "
+                         f"{b['lost']:>5} {b['floor_lost']:>9} {b['answers']:>7} {_n(b['xruns']):>6} {_n(b['cp_xruns']):>8} "
                          f"{_n(b['misses']):>8} {_n(b['cpu_pct']):>6} {_n(b['thru_cpu_pct']):>10}")
         for name, r in (("coplayer", self.rss), ("bare loop", self.thru_rss)):
             if r.get("warm_kb") is not None:
@@ -471,17 +481,19 @@ def _pair(a, b) -> str:
 
 
 def soak(minutes: float, rate: float = 40.0, seed: int = 0, load: bool = False, bucket_s: float = 60.0,
-         sample_s: float = 5.0, warmup_s: float = 60.0, progress=None) -> Soak:
+         sample_s: float = 5.0, warmup_s: float = 60.0, mode: str = "both", settings: dict | None = None,
+         progress=None) -> Soak:
     """Run the whole soak against fresh processes (see the module's text)."""
     if not jack_available():
         raise BenchError("no JACK server runs: start one, e.g. `jackd -R -P 70 -d dummy -r 48000 -p 64`")
     say = progress or (lambda _msg: None)
     seconds = minutes * 60
     plan = session(seconds, rate, random.Random(seed))
-    result = Soak(minutes, rate, seed, load, bucket_s, min(warmup_s, seconds / 3))
+    settings = dict(settings or {})
+    result = Soak(minutes, rate, seed, load, bucket_s, mode, settings, min(warmup_s, seconds / 3))
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # as the bench: the readers timestamp promptly while the sender works
-    cp = CoplayerProcess(mode="both", backend="auto")
+    cp = CoplayerProcess(mode=mode, backend="auto", settings=settings)
     thru = ThruProcess(backend="auto")
     stats = StatsListener(cp.osc_out)
     peer, chain, drains = None, [], {}
@@ -534,15 +546,13 @@ def _account(result: Soak, plan: Session, sent, arrived, origin_ns: int, samples
     result.events, result.notes = len(sent), sum(is_on(m) for _, m in sent)
     result.playing_s = sum(end - start for start, end in plan.phrases)
     result.samples = samples
-    result.buckets = per_bucket(sent, arrived, origin_ns, samples, seconds, result.bucket_s)
-    for key in ("lost", "floor_lost", "jack_lost"):
-        setattr(result, key, sum(b[key] for b in result.buckets))
+    result.buckets = per_bucket(sent, arrived, origin_ns, samples, seconds, result.bucket_s, plan.phrases)
+    for key in ("lost", "floor_lost", "jack_lost", "answer_notes"):
+        setattr(result, key, sum(b[key.removesuffix("_notes")] for b in result.buckets))
     if result.load:
         got, hop = match(sent, arrived, ("load",)), match(sent, arrived, ("hop",))
         result.load_lost = sum(1 for i in hop if i not in got)
-    played = [e for e in arrived if e[0] in OUTPUTS]
-    result.answer_notes = sum(1 for _, m, t in played if is_on(m) and not in_phrases((t - origin_ns) / 1e9, plan.phrases))
-    sounding = sounding_after(played)
+    sounding = sounding_after([e for e in arrived if e[0] in OUTPUTS])
     result.stuck = {f"{label} ch{ch + 1} key{key}": n for (label, ch, key), n in sounding.items()}
     result.stuck_reported_off = offs_reported(sounding, list(stats.messages))
     result.floor_stuck = stuck_on(arrived, "floor")
@@ -562,12 +572,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS/CPU samples (default 5)")
     p.add_argument("--warmup-s", type=float, default=60.0,
                    help="RSS growth is counted from this time (default 60; at most a third of the run)")
+    p.add_argument("--mode", choices=["both", "instrument", "respond"], default="both",
+                   help="coplayer's mode (default both: instruments and answers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a configuration value for coplayer, as `coplayer run --set` (repeatable)")
     args = p.parse_args(argv)
+    if any("=" not in a for a in args.set):
+        p.error("--set takes KEY=VALUE")
+    settings = dict(a.split("=", 1) for a in args.set)
     say = None if args.json else (lambda msg: print(msg, flush=True))
     previous = _exit_on_sigterm()
     try:
         result = soak(args.minutes, args.rate, args.seed, args.load, args.bucket_s, args.sample_s, args.warmup_s,
-                      progress=say)
+                      args.mode, settings, progress=say)
     except BenchError as e:
         print(f"soak: {e}", file=sys.stderr)
         return 2

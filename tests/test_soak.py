@@ -108,13 +108,15 @@ def test_per_minute_figures_count_each_note_in_its_minute(soak):
                ("floor", (0x90, 60, 90), origin + 10_000 * ms + ms),
                ("hop", (0x90, 62, 90), origin + 70_000 * ms + 100_000),
                ("floor", (0x90, 62, 90), origin + 70_000 * ms + ms),  # coplayer lost 62
-               ("alto", (0x91, 64, 90), origin + 70_100 * ms + 3 * ms)]  # the hop and the bare loop lost 64
+               ("alto", (0x91, 64, 90), origin + 70_100 * ms + 3 * ms),  # the hop and the bare loop lost 64
+               ("tenor", (0x92, 50, 70), origin + 100_000 * ms), ("tenor", (0x82, 50, 0), origin + 100_500 * ms)]
     samples = [sample(soak, t, 1000, cpu, x) for t, cpu, x in ((0, 0.0, 0), (60, 12.0, 2), (120, 18.0, 2))]
-    rows = soak.per_bucket(sent, arrived, origin, samples, 120.0, 60.0)
+    rows = soak.per_bucket(sent, arrived, origin, samples, 120.0, 60.0, [(5.0, 15.0), (65.0, 75.0)])
     assert [r["notes"] for r in rows] == [1, 3]
     assert rows[0]["e2e_p99_ms"] == pytest.approx(2.0) and rows[0]["floor_p99_ms"] == pytest.approx(1.0)
     assert rows[1]["e2e_p99_ms"] == pytest.approx(3.0)
     assert [(r["lost"], r["floor_lost"], r["jack_lost"]) for r in rows] == [(0, 0, 0), (1, 0, 2)]
+    assert [r["answers"] for r in rows] == [0, 1]  # the tenor's 50 came in a rest
     assert [r["cpu_pct"] for r in rows] == [20.0, 10.0] and [r["xruns"] for r in rows] == [2, 0]
 
 
