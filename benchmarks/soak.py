@@ -401,7 +401,7 @@ class Soak:
     events: int = 0  # MIDI messages sent
     notes: int = 0  # note-ons sent
     playing_s: float = 0.0  # time in phrases
-    answer_notes: int = 0  # coplayer's note-ons outside the phrases: its answers
+    answers: int = 0  # coplayer's note-ons outside the phrases: its answers
     buckets: list[dict] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     rss: dict = field(default_factory=dict)
@@ -436,7 +436,7 @@ class Soak:
         lines = [f"soak: {self.minutes:g} min, seed {self.seed}, mode {self.mode}{sets}, {self.events} MIDI messages "
                  f"({self.events / seconds:.1f}/s overall, {self.events / max(self.playing_s, 1e-9):.1f}/s while "
                  f"playing, {self.playing_s / seconds:.0%} of the time), {self.notes} notes; "
-                 f"coplayer answered with {self.answer_notes} notes"
+                 f"coplayer answered with {self.answers} notes"
                  + ("; beside a chain of two more bare loops (--load)" if self.load else "")]
         lines.append(f"{'bucket':>6} {'notes':>6} {'coplayer p50/p99 ms':>20} {'bare loop p50/p99 ms':>21} "
                      f"{'lost':>5} {'bare lost':>9} {'answers':>7} {'xruns':>6} {'cp xruns':>8} {'fallback':>8} "
@@ -547,8 +547,8 @@ def _account(result: Soak, plan: Session, sent, arrived, origin_ns: int, samples
     result.playing_s = sum(end - start for start, end in plan.phrases)
     result.samples = samples
     result.buckets = per_bucket(sent, arrived, origin_ns, samples, seconds, result.bucket_s, plan.phrases)
-    for key in ("lost", "floor_lost", "jack_lost", "answer_notes"):
-        setattr(result, key, sum(b[key.removesuffix("_notes")] for b in result.buckets))
+    for key in ("lost", "floor_lost", "jack_lost", "answers"):
+        setattr(result, key, sum(b[key] for b in result.buckets))
     if result.load:
         got, hop = match(sent, arrived, ("load",)), match(sent, arrived, ("hop",))
         result.load_lost = sum(1 for i in hop if i not in got)

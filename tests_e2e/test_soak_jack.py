@@ -21,6 +21,7 @@ def test_a_short_soak_reports_every_figure_per_bucket_before_coplayer_exits():
     assert result.buckets[0]["cpu_pct"] > 0 and result.buckets[0]["xruns"] is not None
     assert result.rss["warm_kb"] > 10_000 and result.thru_rss["end_kb"] > 10_000
     assert len(result.samples) >= 10
+    assert result.answers == sum(b["answers"] for b in result.buckets)
     figures = result.figures()
     assert set(figures["targets"]) == {"rss_growth", "p99_last_vs_first", "no_stuck"}
     assert figures["stuck_total"] == sum(result.stuck.values())
