@@ -291,37 +291,49 @@ def per_bucket(sent: list[tuple[int, Message]], arrived, origin_ns: int, samples
     The last bucket's xruns and CPU run to the last message sent (the wait
     for the last answer after it is not counted)."""
     n = bucket_count(seconds, width_s)
+    rows = _note_rows(sent, arrived, origin_ns, width_s, n, phrases)
+    end_s = max(seconds, (sent[-1][0] - origin_ns) / 1e9) if sent else seconds
+    for b, row in enumerate(rows):
+        row.update(_sampled(samples, b * width_s, (b + 1) * width_s if b < n - 1 else end_s))
+    return rows
+
+
+def _note_rows(sent, arrived, origin_ns: int, width_s: float, n: int, phrases) -> list[dict]:
+    """The note figures of :func:`per_bucket`, per bucket."""
     e2e, floor, hop = (match(sent, arrived, labels) for labels in (OUTPUTS, ("floor",), ("hop",)))
-    rows = [{"bucket": b, "notes": 0, "e2e": [], "floor": [], "lost": 0, "floor_lost": 0, "jack_lost": 0,
+    rows = [{"bucket": b, "start_s": b * width_s, "notes": 0, "lost": 0, "floor_lost": 0, "jack_lost": 0,
              "answers": 0} for b in range(n)]
+    ms = [([], []) for _ in range(n)]  # (coplayer's, the bare loop's)
     for i, (t, msg) in enumerate(sent):
-        if not is_on(msg):
-            continue
-        row = rows[bucket_of((t - origin_ns) / 1e9, width_s, n)]
-        row["notes"] += 1
-        for got, key in ((e2e, "e2e"), (floor, "floor")):
-            if i in got:
-                row[key].append(got[i])
-        row["lost"] += i in hop and i not in e2e
-        row["floor_lost"] += i in hop and i not in floor
-        row["jack_lost"] += i not in hop
+        if is_on(msg):
+            b = bucket_of((t - origin_ns) / 1e9, width_s, n)
+            row = rows[b]
+            row["notes"] += 1
+            ms[b][0].extend([e2e[i]] if i in e2e else [])
+            ms[b][1].extend([floor[i]] if i in floor else [])
+            row["lost"] += i in hop and i not in e2e
+            row["floor_lost"] += i in hop and i not in floor
+            row["jack_lost"] += i not in hop
     for label, msg, t in arrived:
         t_s = (t - origin_ns) / 1e9
         if label in OUTPUTS and is_on(msg) and not in_phrases(t_s, phrases):
             rows[bucket_of(t_s, width_s, n)]["answers"] += 1
-    end_s = max(seconds, (sent[-1][0] - origin_ns) / 1e9) if sent else seconds
-    for row in rows:
-        t0, t1 = row["bucket"] * width_s, (row["bucket"] + 1) * width_s if row["bucket"] < n - 1 else end_s
-        e, f = row.pop("e2e"), row.pop("floor")
-        row.update(start_s=t0, e2e_p50_ms=_p(e, "p50"), e2e_p99_ms=_p(e, "p99"), floor_p50_ms=_p(f, "p50"),
+    for row, (e, f) in zip(rows, ms):
+        row.update(e2e_p50_ms=_p(e, "p50"), e2e_p99_ms=_p(e, "p99"), floor_p50_ms=_p(f, "p50"),
                    floor_p99_ms=_p(f, "p99"))
-        for key in ("xruns", "cp_xruns", "misses"):
-            d = change(samples, key, t0, t1)
-            row[key] = None if d is None else int(d[0])
-        for key, name in (("cpu_s", "cpu_pct"), ("thru_cpu_s", "thru_cpu_pct")):
-            pct = cpu_percent(samples, key, t0, t1)
-            row[name] = None if pct is None else round(pct, 1)
     return rows
+
+
+def _sampled(samples: list[Sample], t0: float, t1: float) -> dict:
+    """The sampled figures of :func:`per_bucket` between ``t0`` and ``t1``."""
+    out = {}
+    for key in ("xruns", "cp_xruns", "misses"):
+        d = change(samples, key, t0, t1)
+        out[key] = None if d is None else int(d[0])
+    for key, name in (("cpu_s", "cpu_pct"), ("thru_cpu_s", "thru_cpu_pct")):
+        pct = cpu_percent(samples, key, t0, t1)
+        out[name] = None if pct is None else round(pct, 1)
+    return out
 
 
 # --- targets --------------------------------------------------------------------------------
