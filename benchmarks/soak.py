@@ -66,6 +66,7 @@ ANSWER_EVERY = 0.4  # share of the rests that are long
 PLAYED_AFTER_S = 0.3  # arrivals this long after a phrase still belong to it (the rest are answers)
 QUIET_S = 5.5  # at the end: nothing arrived for this long (an answer is 2 bars, 4.8 s at 100 BPM)
 QUIET_TIMEOUT_S = 40.0
+EXIT_LINES = ("decision latency per note:", "answers:")  # what `coplayer run` prints as it exits
 TARGET_RSS_MB = 2.0
 TARGET_P99_RATIO = 1.10
 
@@ -434,10 +435,15 @@ class Soak:
     def targets(self) -> dict:
         return targets(self.rss.get("growth_mb"), *self.p99_first_last(), sum(self.stuck.values()))
 
+    def exit_lines(self) -> list[str]:
+        """What coplayer printed as it exited: its decision latency and its answers' counts."""
+        return [line for line in self.output_tail.splitlines() if line.startswith(EXIT_LINES)]
+
     def figures(self) -> dict:
         first, last = self.p99_first_last()
         out = {k: v for k, v in asdict(self).items() if k not in ("samples", "output_tail")}
         out.update(stuck_total=sum(self.stuck.values()), p99_first_ms=first, p99_last_ms=last,
+                   coplayer_exit=self.exit_lines(),
                    p99_ratio=None if not first or last is None else round(last / first, 3),
                    targets=self.targets(), samples=[asdict(s) for s in self.samples])
         return out
@@ -476,6 +482,7 @@ class Soak:
                      + f", bare loop {self.floor_stuck}")
         if self.exit_code:
             lines.append(f"coplayer exited with {self.exit_code}: {self.output_tail.strip()[-600:]}")
+        lines += [f"coplayer at exit (after the count): {line}" for line in self.exit_lines()]
         verdict = {True: "holds", False: "FAILS", None: "not measured"}
         t = self.targets()
         lines.append(f"targets: RSS growth < {TARGET_RSS_MB:g} MB after warm-up: {verdict[t['rss_growth']]}; "

@@ -25,5 +25,6 @@ def test_a_short_soak_reports_every_figure_per_bucket_before_coplayer_exits():
     figures = result.figures()
     assert set(figures["targets"]) == {"rss_growth", "p99_last_vs_first", "no_stuck"}
     assert figures["stuck_total"] == sum(result.stuck.values())
+    assert [line.split(":")[0] for line in result.exit_lines()] == ["decision latency per note", "answers"]
     lines = result.report()
     assert lines[-1].startswith("targets: RSS growth < 2 MB after warm-up:")
