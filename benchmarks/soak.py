@@ -460,9 +460,9 @@ class Soak:
                      f"{'lost':>5} {'bare lost':>9} {'answers':>7} {'xruns':>6} {'cp xruns':>8} {'fallback':>8} "
                      f"{'CPU %':>6} {'bare CPU %':>10}")
         for b in self.buckets:
-            lines.append(f"{b['start_s']:>5.0f}s {b['notes']:>6} "
-                         f"{_pair(b['e2e_p50_ms'], b['e2e_p99_ms']):>20} {_pair(b['floor_p50_ms'], b['floor_p99_ms']):>21} "
-                         f"{b['lost']:>5} {b['floor_lost']:>9} {b['answers']:>7} {_n(b['xruns']):>6} {_n(b['cp_xruns']):>8} "
+            e2e, floor = _pair(b["e2e_p50_ms"], b["e2e_p99_ms"]), _pair(b["floor_p50_ms"], b["floor_p99_ms"])
+            lines.append(f"{b['start_s']:>5.0f}s {b['notes']:>6} {e2e:>20} {floor:>21} {b['lost']:>5} "
+                         f"{b['floor_lost']:>9} {b['answers']:>7} {_n(b['xruns']):>6} {_n(b['cp_xruns']):>8} "
                          f"{_n(b['misses']):>8} {_n(b['cpu_pct']):>6} {_n(b['thru_cpu_pct']):>10}")
         for name, r in (("coplayer", self.rss), ("bare loop", self.thru_rss)):
             if r.get("warm_kb") is not None:
@@ -533,7 +533,8 @@ def soak(minutes: float, rate: float = 40.0, seed: int = 0, load: bool = False, 
         def tell(s: Sample) -> None:
             if s.t_s >= (last_bucket[0] + 1) * bucket_s:
                 last_bucket[0] = int(s.t_s // bucket_s)
-                say(f"  {s.t_s:.0f} s: coplayer RSS {_n(s.rss_kb)} kB, CPU {_n(None if s.cpu_s is None else round(s.cpu_s, 1))} s, xruns {_n(s.xruns)}")
+                cpu = _n(None if s.cpu_s is None else round(s.cpu_s, 1))
+                say(f"  {s.t_s:.0f} s: coplayer RSS {_n(s.rss_kb)} kB, CPU {cpu} s, xruns {_n(s.xruns)}")
 
         sampler = Sampler(cp.proc.pid, thru.proc.pid, peer, stats, origin, sample_s, tell).start()
         sent = peer.play(plan.schedule)
