@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-e2e train train-instrument train-continue train-markov bench bench-e2e eval clean
+.PHONY: demo test test-e2e train train-instrument train-continue train-markov bench bench-e2e soak eval clean
 
 # Runtime only: no torch, no music21.
 $(BIN)/.runtime: pyproject.toml setup.py coplayer/io/_jackmidi.c
@@ -64,6 +64,11 @@ test-e2e: $(BIN)/.dev
 
 bench-e2e: $(BIN)/.runtime
 	$(BIN)/python benchmarks/e2e_latency.py --png out/e2e_latency.png
+
+# Ten minutes of a realistic session through JACK beside the bare loop: memory,
+# CPU, latency per minute, notes lost and stuck (issue 21's targets).
+soak: $(BIN)/.runtime
+	$(BIN)/python benchmarks/soak.py --minutes 10
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
