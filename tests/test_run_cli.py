@@ -54,6 +54,7 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
 def test_run_replays_a_file_and_writes_the_session(tmp_path):
     piece = write_piece(tmp_path / "piece.mid", [(72, 0.0, 0.3), (60, 0.0, 0.3), (48, 0.4, 0.3), (76, 0.8, 0.2)])
     result = coplayer("run", "--input", str(piece), "--quiet", *MEMORY, "--set", f"session.directory={tmp_path}",
@@ -71,6 +72,7 @@ def test_run_replays_a_file_and_writes_the_session(tmp_path):
     assert routed >= 4  # every input note, plus the answer's notes if there was one
 
 
+@pytest.mark.subprocess
 def test_run_stops_on_sigterm_and_reports(tmp_path):
     piece = write_piece(tmp_path / "long.mid", [(60, 0.0, 30.0), (67, 0.1, 30.0)])
     args = [sys.executable, "-m", "coplayer", "run", "--input", str(piece), "--quiet", "--set", "midi.backend=memory",
@@ -117,12 +119,14 @@ def test_a_signal_releases_every_note(tmp_path, monkeypatch, signum):
     assert all(not p.sounding() and not p._pedal and p.closed for p in ports.hub.outputs.values())
 
 
+@pytest.mark.subprocess
 def test_run_for_a_duration_without_input(tmp_path):
     result = coplayer("run", "--quiet", "--duration", "0.5", *MEMORY, "--set", "session.record=false")
     assert result.returncode == 0, result.stderr
     assert "decision latency per note: 0 notes" in result.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(os.path.exists("/dev/snd/seq"), reason="this machine has an ALSA sequencer")
 def test_an_unavailable_api_is_one_line_suggesting_jack():
     result = coplayer("run", "--api", "alsa", "--quiet", "--duration", "0.1", "--set", "osc.enabled=false")
@@ -131,6 +135,7 @@ def test_an_unavailable_api_is_one_line_suggesting_jack():
     assert lines[-1].startswith("coplayer: error: ALSA sequencer unavailable") and "--api jack" in lines[-1]
 
 
+@pytest.mark.subprocess
 def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
     result = coplayer("demo", "--out", str(tmp_path), "--speed", "8", "--set", "osc.enabled=false")
     assert result.returncode == 0, result.stderr
@@ -146,6 +151,7 @@ def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
     assert routed >= played  # every note played, plus the answers
 
 
+@pytest.mark.subprocess
 def test_demo_rejects_a_speed_beyond_the_clock():
     result = coplayer("demo", "--out", "/nonexistent/never", "--speed", "50", *MEMORY)
     assert result.returncode == 2 and "--speed 50" in result.stderr
