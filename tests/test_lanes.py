@@ -7,6 +7,7 @@ Each test here collects real test modules in a nested pytest session, as
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -36,16 +37,20 @@ def collect(*paths: str, markexpr: str | None = None) -> dict[str, set[str]]:
     return marks.by_test
 
 
-def test_a_test_taking_the_jack_server_and_every_end_to_end_test_is_jack():
-    marks = collect("tests/test_io_ports.py", "tests_e2e/test_e2e_jack.py")
+@pytest.fixture(scope="module")
+def marks() -> dict[str, set[str]]:
+    """One nested collection for the tests below (each costs a second or two)."""
+    return collect("tests/test_io_ports.py", "tests_e2e/test_e2e_jack.py", "tests/test_runner.py")
+
+
+def test_a_test_taking_the_jack_server_and_every_end_to_end_test_is_jack(marks):
     assert "jack" in marks["tests/test_io_ports.py::test_a_jack_client_counts_the_cycles_jack_skipped_it"]
     e2e = [m for nodeid, m in marks.items() if nodeid.startswith("tests_e2e/")]
     assert e2e and all("jack" in m for m in e2e)
     assert "jack" not in marks["tests/test_io_ports.py::test_sounding_counts_repeated_note_ons_exactly"]
 
 
-def test_a_test_taking_the_exported_model_is_torch_and_a_plain_one_is_not():
-    marks = collect("tests/test_runner.py")
+def test_a_test_taking_the_exported_model_is_torch_and_a_plain_one_is_not(marks):
     assert "torch" in marks["tests/test_runner.py::test_step_returns_probabilities_and_reset_restarts"]
     assert "torch" not in marks["tests/test_runner.py::test_softmax_and_log_softmax_agree"]
     assert "subprocess" in marks["tests/test_runner.py::test_runner_never_imports_torch"]
@@ -54,10 +59,12 @@ def test_a_test_taking_the_exported_model_is_torch_and_a_plain_one_is_not():
 def test_the_fast_lane_does_not_import_a_module_that_imports_torch_at_the_top():
     """(pytest does not ask the hook about a file named on its command line: the
     hook is called here as pytest calls it on the files of a directory.)"""
-    from conftest import pytest_ignore_collect
+    spec = importlib.util.spec_from_file_location("root_conftest", REPO / "conftest.py")
+    rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rules)
 
     def ignored(name: str, markexpr: str) -> bool:
-        return bool(pytest_ignore_collect(REPO / "tests" / name, SimpleNamespace(getoption=lambda *_: markexpr)))
+        return bool(rules.pytest_ignore_collect(REPO / "tests" / name, SimpleNamespace(getoption=lambda *_: markexpr)))
 
     assert ignored("test_transformer.py", FAST)
     assert not ignored("test_transformer.py", "not slow") and not ignored("test_transformer.py", "torch or jack")
