@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-e2e train train-instrument train-continue train-markov bench bench-e2e soak eval clean
+.PHONY: demo test test-fast test-e2e train train-instrument train-continue train-markov bench bench-e2e soak eval clean
 
 # Runtime only: no torch, no music21.
 $(BIN)/.runtime: pyproject.toml setup.py coplayer/io/_jackmidi.c
@@ -22,6 +22,11 @@ demo: $(BIN)/.runtime
 
 test: $(BIN)/.dev
 	$(BIN)/python -m pytest -q
+
+# The fast lane, for while you work: no JACK, no child processes, no torch, no
+# slow test (the marks in conftest.py).  `make test` stays the whole suite.
+test-fast: $(BIN)/.dev
+	$(BIN)/python -m pytest -q -m "not jack and not subprocess and not torch and not slow"
 
 # Training, export and benchmarks are never part of `make test`.
 train: train-instrument train-continue train-markov

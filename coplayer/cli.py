@@ -70,6 +70,8 @@ def _print_eval(args: argparse.Namespace, results: list, format_table: Callable[
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "continue":
         return _eval_continue(args)
+    if args.quick:
+        raise CoplayerError("--quick is for eval continue; eval instrument takes --limit N")
     from coplayer.data.splits import load_split
     from coplayer.instrument.evaluate import default_models, evaluate_models, format_table
 
@@ -88,17 +90,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_continue(args: argparse.Namespace) -> int:
     from coplayer.gen.encoding import Encoding
-    from coplayer.gen.evaluate import default_models, evaluate_models, format_table, test_pieces
+    from coplayer.gen.evaluate import (QUICK_SAMPLES, default_models, evaluate_models, format_table, quick_subset,
+                                       test_pieces)
+    from coplayer.progress import Progress
 
     cfg = _load_config(args)
-    pieces, notes = test_pieces(Encoding(), args.limit, args.sources)
+    samples = args.samples or (QUICK_SAMPLES if args.quick else 5)
+    # --quick never waits minutes for a melody corpus to be parsed, unless asked for it by name.
+    pieces, notes = test_pieces(Encoding(), args.limit, args.sources, parse=not args.quick or bool(args.sources))
     for note in notes:
         log.warning("%s", note)
-    results = evaluate_models(args.models or default_models(), cfg, pieces, seed=args.seed,
-                              progress=None if args.json else log.debug, samples=args.samples)
+    if args.quick:
+        pieces = quick_subset(pieces)
+    progress = Progress(len(pieces), "test pieces", total_weight=sum(len(p) for p in pieces))
+    results = evaluate_models(args.models or default_models(), cfg, pieces, seed=args.seed, samples=samples,
+                              progress=progress, protocol="quick" if args.quick else "full")
     _print_eval(args, results, format_table,
-                f"continuation on the test split ({len(pieces)} pieces, {args.samples} continuations each, "
-                f"seed {args.seed})")
+                f"continuation on the test split{' (QUICK)' if args.quick else ''} ({len(pieces)} pieces, "
+                f"{samples} continuations each, seed {args.seed})")
     return 0
 
 
@@ -212,12 +221,18 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="instrument: zone, closest, shipped model names or .onnx paths (default: zone, "
                         "closest and every shipped instrument model); continue: markov, markov-live, "
                         "shipped model names or .onnx paths (default: those two and every shipped one)")
-    p.add_argument("--limit", type=_count, metavar="N",
-                   help="only the first N test pieces (continue: of each corpus)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--limit", type=_count, metavar="N",
+                      help="only the first N test pieces (continue: of each corpus)")
+    size.add_argument("--quick", action="store_true",
+                      help="continue: the headline figures in a minute or two, as an indication: a fixed draw of "
+                           "8 test pieces per corpus, 2 continuations each (--samples changes it), melody corpora "
+                           "only once parsed; the default is the full protocol")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the live performances, protocol b; continue: of the continuations (default 0)")
-    p.add_argument("--samples", type=_count, default=5, metavar="K",
-                   help="continue: continuations sampled per test piece, each with its own seed (default 5)")
+    p.add_argument("--samples", type=_count, metavar="K",
+                   help="continue: continuations sampled per test piece, each with its own seed "
+                        "(default 5; with --quick 2)")
     p.add_argument("--sources", nargs="+", choices=["bach", "essenFolksong", "ryansMammoth"],
                    help="continue: test corpora (default: all; a melody corpus is parsed once, then cached)")
     p.add_argument("--json", action="store_true", help="print one JSON row per model and protocol")

@@ -134,6 +134,7 @@ def test_continue_with_a_damaged_npz_as_its_model_falls_back_with_one_line(kind,
     assert len(mido.MidiFile(tmp_path / "out.mid").tracks) >= 1
 
 
+@pytest.mark.subprocess
 def test_run_with_a_damaged_npz_as_its_model_falls_back_with_one_line(tmp_path):
     npz = copy_model("continue-markov", tmp_path)
     truncate(npz)
@@ -269,6 +270,7 @@ def test_arrange_with_a_damaged_instrumentation_model_falls_back_with_one_line(k
                if m.type == "note_on" and m.velocity) == 8
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["truncated", "card-not-json"])
 def test_run_with_a_damaged_instrumentation_model_falls_back_with_one_line(kind, tmp_path):
     onnx = copy_model("instrument-lstm", tmp_path)

@@ -141,6 +141,7 @@ def test_protocol_b_is_seeded_per_piece(test_split, cfg):
         evaluate(make, pieces, "c")
 
 
+@pytest.mark.slow  # 9 s: two baselines, both protocols, the whole test split
 def test_recorded_baselines_on_the_full_test_split(test_split, cfg):
     results = {(r.model, r.protocol): r for r in evaluate_models(["zone", "closest"], cfg, test_split)}
     for protocol in "ab":

@@ -37,6 +37,7 @@ class Replayer:
         return scores
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("protocol", ["a", "b"])
 def test_training_and_runtime_features_are_identical(protocol):
     torch = pytest.importorskip("torch", reason="the training pipeline needs torch (the train extra)")

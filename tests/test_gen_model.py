@@ -110,6 +110,7 @@ def test_duplicate_melodies_share_a_split():
     assert splits["essenFolksong/y.abc#0"] == melody_split_of("essenFolksong/y.abc#0")
 
 
+@pytest.mark.torch
 def test_packing_targets_stay_within_a_piece():
     pytest.importorskip("torch", reason=NO_TORCH)
     from models.train_continue import bos_event, pack, to_seq
@@ -161,6 +162,7 @@ def stream_hidden(model, piece: EventPiece, chunks: list[int], prefill: bool = T
     return out
 
 
+@pytest.mark.torch
 def test_step_by_step_equals_forward_past_the_window():
     torch = pytest.importorskip("torch", reason=NO_TORCH)
 
@@ -178,6 +180,7 @@ def test_step_by_step_equals_forward_past_the_window():
             torch.testing.assert_close(hidden, full[index], atol=1e-5, rtol=0)
 
 
+@pytest.mark.torch
 def test_packed_pieces_do_not_see_each_other():
     torch = pytest.importorskip("torch", reason=NO_TORCH)
 
@@ -192,6 +195,7 @@ def test_packed_pieces_do_not_see_each_other():
     torch.testing.assert_close(both[6:], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.torch
 def test_heads_see_the_fields_chosen_before_them():
     torch = pytest.importorskip("torch", reason=NO_TORCH)
 
@@ -207,6 +211,7 @@ def test_heads_see_the_fields_chosen_before_them():
             "the duration head sees the pitch"
 
 
+@pytest.mark.torch
 def test_pitch_head_is_relative_to_the_anchor():
     torch = pytest.importorskip("torch", reason=NO_TORCH)
 
@@ -393,6 +398,7 @@ def test_shipped_name_resolves(exported, tmp_path, monkeypatch):
     assert OnnxEventModel("tiny").path == tmp_path / "assets" / "tiny.onnx"
 
 
+@pytest.mark.subprocess
 def test_runner_does_not_import_torch(exported):
     code = ("import sys; from coplayer.gen.runner import OnnxEventModel; "
             f"m = OnnxEventModel({str(exported)!r}); m.field_logits('shift', {{}}); "

@@ -525,3 +525,51 @@ def test_transformer_nll_finite():
     model = _shipped_transformer()
     events, pos = piece(2, seed=8)
     assert np.isfinite(piece_nll_bits(model, events, pos)).all()
+
+
+def test_eval_continue_quick_labels_its_headline_figures_and_keeps_stdout_clean(capsys, monkeypatch):
+    """--quick on a tiny setup (3 made-up chorales, one model): a fixed draw of pieces, fewer
+    continuations, every row and the table labelled quick; the progress goes to stderr only."""
+    from coplayer.gen import evaluate
+    from coplayer.gen.data import EventPiece
+
+    made_up = [EventPiece(f"made-up-{s}", "bach", *piece(8, seed=s)) for s in (20, 21, 22)]
+    asked = {}
+
+    def fake_test_pieces(encoding, limit, sources, parse=True):
+        asked.update(limit=limit, parse=parse)
+        return made_up, []
+
+    monkeypatch.setattr(evaluate, "test_pieces", fake_test_pieces)
+    monkeypatch.setattr(evaluate, "QUICK_PIECES", 2)
+    assert main(["eval", "continue", "--quick", "--json", "--models", "markov"]) == 0
+    out, err = capsys.readouterr()
+    (row,) = json.loads(out)
+    drawn = evaluate.quick_subset(made_up, 2)
+    assert row["protocol"] == "quick" and row["events"] == sum(len(p) for p in drawn)
+    assert row["pieces"] == 2 * 2  # continuations: 2 pieces, 2 each
+    assert {"nll_bits_per_event", "pc_js", "in_key", "density_ratio", "range_kept", "motif_quote"} <= set(row)
+    assert row["continuation_notes"] > 0 and asked == {"limit": None, "parse": False}
+    assert "2/2 test pieces" in err and "done" in err
+    assert main(["eval", "continue", "--quick", "--models", "markov"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("continuation on the test split (QUICK) (2 pieces, 2 continuations each")
+    assert "QUICK: " in out and "an indication only" in out
+
+
+def test_quick_draws_the_same_pieces_of_a_corpus_whatever_else_is_there():
+    from coplayer.gen.data import EventPiece
+    from coplayer.gen.evaluate import quick_subset
+
+    bach = [EventPiece(f"b{i}", "bach", np.zeros((1, 5), int), np.zeros(1, int)) for i in range(30)]
+    folk = [EventPiece(f"f{i}", "essenFolksong", np.zeros((1, 5), int), np.zeros(1, int)) for i in range(30)]
+    alone, mixed = quick_subset(bach, 5), quick_subset(bach + folk, 5)
+    assert [p.key for p in alone] == [p.key for p in mixed[:5]]
+    assert len(mixed) == 10 and [p.source for p in mixed[5:]] == ["essenFolksong"] * 5
+    assert [p.key for p in alone] != [f"b{i}" for i in range(5)]  # a draw, not the first ones
+    assert quick_subset(bach[:3], 5) == bach[:3]
+
+
+def test_eval_instrument_refuses_quick(capsys):
+    assert main(["eval", "instrument", "--quick"]) == 2
+    assert "--quick is for eval continue" in capsys.readouterr().err

@@ -253,6 +253,7 @@ def test_windows_has_no_virtual_ports_and_the_error_names_loopmidi(monkeypatch):
     assert FakeClient.deleted
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.path.exists("/dev/snd/seq"),
                     reason="needs Linux without an ALSA sequencer device")
 def test_ports_command_says_in_one_line_that_alsa_is_unavailable():
@@ -449,6 +450,7 @@ port.close()
 """
 
 
+@pytest.mark.subprocess
 def test_a_jack_client_counts_the_cycles_jack_skipped_it(jack_server):
     """A process stopped for 0.1 s misses ~75 cycles of 64 frames at 48 kHz:
     its client counts them from the gap in JACK's frame time (what tells a

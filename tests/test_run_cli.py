@@ -61,6 +61,7 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
 def test_run_replays_a_file_and_writes_the_session(tmp_path):
     piece = write_piece(tmp_path / "piece.mid", [(72, 0.0, 0.3), (60, 0.0, 0.3), (48, 0.4, 0.3), (76, 0.8, 0.2)])
     result = coplayer("run", "--input", str(piece), "--quiet", *MEMORY, "--set", f"session.directory={tmp_path}",
@@ -78,6 +79,7 @@ def test_run_replays_a_file_and_writes_the_session(tmp_path):
     assert routed >= 4  # every input note, plus the answer's notes if there was one
 
 
+@pytest.mark.subprocess
 def test_run_stops_on_sigterm_and_reports(tmp_path):
     piece = write_piece(tmp_path / "long.mid", [(60, 0.0, 30.0), (67, 0.1, 30.0)])
     args = [sys.executable, "-m", "coplayer", "run", "--input", str(piece), "--quiet", "--set", "midi.backend=memory",
@@ -124,12 +126,14 @@ def test_a_signal_releases_every_note(tmp_path, monkeypatch, signum):
     assert all(not p.sounding() and not p._pedal and p.closed for p in ports.hub.outputs.values())
 
 
+@pytest.mark.subprocess
 def test_run_for_a_duration_without_input(tmp_path):
     result = coplayer("run", "--quiet", "--duration", "0.5", *MEMORY, "--set", "session.record=false")
     assert result.returncode == 0, result.stderr
     assert "decision latency per note: 0 notes" in result.stdout
 
 
+@pytest.mark.subprocess
 def test_run_says_why_an_empty_input_cannot_be_read(tmp_path):
     empty = tmp_path / "empty.mid"
     empty.write_bytes(b"")
@@ -139,6 +143,7 @@ def test_run_says_why_an_empty_input_cannot_be_read(tmp_path):
     assert line == f"coplayer: error: cannot read MIDI file {str(empty)!r}: the file is empty (not a MIDI file)"
 
 
+@pytest.mark.subprocess
 def test_osc_open_to_the_network_without_an_allow_list_does_not_start():
     ports = ["--set", f"osc.in_port={free_udp_port()}", "--set", f"osc.out_port={free_udp_port()}"]
     base = ["run", "--quiet", "--duration", "0.3", "--set", "midi.backend=memory", "--set", "session.record=false",
@@ -152,6 +157,7 @@ def test_osc_open_to_the_network_without_an_allow_list_does_not_start():
     assert "OSC in 0.0.0.0:" in allowed.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(os.path.exists("/dev/snd/seq"), reason="this machine has an ALSA sequencer")
 def test_an_unavailable_api_is_one_line_suggesting_jack():
     result = coplayer("run", "--api", "alsa", "--quiet", "--duration", "0.1", "--set", "osc.enabled=false")
@@ -160,6 +166,7 @@ def test_an_unavailable_api_is_one_line_suggesting_jack():
     assert lines[-1].startswith("coplayer: error: ALSA sequencer unavailable") and "--api jack" in lines[-1]
 
 
+@pytest.mark.subprocess
 def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
     result = coplayer("demo", "--out", str(tmp_path), "--speed", "8", "--set", "osc.enabled=false")
     assert result.returncode == 0, result.stderr
@@ -175,6 +182,7 @@ def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
     assert routed >= played  # every note played, plus the answers
 
 
+@pytest.mark.subprocess
 def test_demo_rejects_a_speed_beyond_the_clock():
     result = coplayer("demo", "--out", "/nonexistent/never", "--speed", "50", *MEMORY)
     assert result.returncode == 2 and "--speed 50" in result.stderr
@@ -195,6 +203,7 @@ def test_run_stops_with_one_message_when_its_midi_server_goes(caplog):
 # --- the session is never lost ----------------------------------------------------------
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("folder", ["/proc/nope", "TAKEN"])
 def test_run_refuses_a_session_folder_it_cannot_write_before_playing(tmp_path, folder):
     (tmp_path / "taken").write_text("a file")
@@ -205,6 +214,7 @@ def test_run_refuses_a_session_folder_it_cannot_write_before_playing(tmp_path, f
     assert "listening" not in result.stderr + result.stdout  # no port was opened
 
 
+@pytest.mark.subprocess
 def test_run_creates_a_missing_session_folder(tmp_path):
     folder = tmp_path / "new" / "sessions"
     result = coplayer("run", "--quiet", "--duration", "0.3", *MEMORY, "--set", f"session.directory={folder}")
@@ -212,6 +222,7 @@ def test_run_creates_a_missing_session_folder(tmp_path):
     assert [p.suffix for p in folder.iterdir()] == [".mid"]  # and its journal is gone
 
 
+@pytest.mark.subprocess
 def test_a_killed_run_loses_at_most_the_last_second_and_the_next_start_recovers_it(tmp_path):
     onsets = [i * 0.1 for i in range(200)]  # a note every 0.1 s for 20 s
     pitches = [60 + i % 24 for i in range(len(onsets))]

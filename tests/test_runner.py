@@ -209,6 +209,7 @@ def test_check_parts():
         check_parts(SATB, ["bass", "tenor", "alto", "soprano"])
 
 
+@pytest.mark.subprocess
 def test_runner_never_imports_torch():
     code = ("import sys; import coplayer.instrument.runner, coplayer.instrument.instrumenter; "
             "sys.exit('torch' in sys.modules)")

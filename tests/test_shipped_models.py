@@ -23,6 +23,7 @@ def test_split():
     return load_split("test")
 
 
+@pytest.mark.slow  # 10-20 s: both protocols on the whole test split
 @pytest.mark.parametrize("name", shipped_instrument_models() or ["instrument-lstm"])
 def test_shipped_model_keeps_its_test_accuracy(name, test_split):
     try:
@@ -59,6 +60,7 @@ def _nll_bits_per_event(model, pieces) -> float:
     return total / sum(len(p) for p in pieces)
 
 
+@pytest.mark.slow  # 30-70 s: the transformer's NLL of every test chorale
 def test_shipped_transformer_keeps_its_chorale_nll_and_beats_markov(chorale_test_events):
     """Through onnxruntime, the chorale test NLL is the one recorded at export, and below the Markov model's."""
     from coplayer.gen.continue_file import load_event_model

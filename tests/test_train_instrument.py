@@ -20,6 +20,8 @@ from coplayer.instrument.features import Featurizer, FeatureSpec  # noqa: E402
 from models.instrument import InstrumentLSTM  # noqa: E402
 from models.train_instrument import Rollouts, augmented, rollout  # noqa: E402
 
+pytestmark = pytest.mark.subprocess  # the rollout worker is a second Python process (multiprocessing)
+
 SPEC = dict(n_parts=4, resort_chords=True, motion=True, exact_flag=True, pc_context=True)
 
 

@@ -177,6 +177,11 @@ def _melody_cache_path() -> Path:
     return cache_dir() / f"melodies-{music21.__version__}-v{MELODY_LOADER_VERSION}.npz"
 
 
+def melodies_parsed() -> bool:
+    """Whether the melody corpora are parsed and cached (else the first use parses them: minutes)."""
+    return _melody_cache_path().exists()
+
+
 def _build_melody_cache(path: Path, workers: int) -> None:
     _, corpus = _music21()
     files = [str(p) for name in MELODY_CORPORA for p in corpus.getComposer(name)]

@@ -47,14 +47,21 @@ to tell models apart: a motif quote more or less moves ``motif_quote`` by
 The ``real second half`` column gives the same measures for the true second
 half (its ``pc_js`` compares the call with the second half: what repeating
 the call's pitch classes would score).
+
+**--quick.**  The same measures on a fixed draw of :data:`QUICK_PIECES` test
+pieces per corpus (seeded by the corpus name) with :data:`QUICK_SAMPLES`
+continuations each, and a melody corpus only once it is parsed: the headline
+figures in a minute or two.  Its rows say ``protocol: quick``; they indicate,
+they are not comparable with the full protocol's figures, which stays the
+default (the one ``make eval``, the model cards and the README report).
 """
 
 from __future__ import annotations
 
 import math
-import time
+import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -67,11 +74,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from coplayer.config import Config
     from coplayer.gen.data import EventPiece
     from coplayer.gen.model import EventModel
+    from coplayer.progress import Progress
 
 MIN_CALL = 8  # events
 MAX_BARS = 8
 RANGE_SLACK = 3  # semitones
 METRICS = ("pc_js", "in_key", "density_ratio", "range_kept", "motif_quote")
+# --quick: the headline figures in a minute or two (2 cores), an indication only.
+QUICK_PIECES = 8  # per corpus
+QUICK_SAMPLES = 2  # continuations per piece
+QUICK_SEED = 19  # fixed: every quick run measures the same pieces
+QUICK_WARNING = ("QUICK: a fixed draw of a few test pieces per corpus and fewer continuations, an indication "
+                 "only:\nnot comparable with the full protocol's figures (coplayer eval continue), which are "
+                 "the ones to report.")
 BETTER = {"nll_bits_per_event": "lower", "pc_js": "lower", "in_key": "closer to real",
           "density_ratio": "closer to 1", "range_kept": "higher", "motif_quote": "higher"}
 
@@ -246,6 +261,7 @@ class Result:
     """One model on the test pieces, per source ('bach', 'essenFolksong', ...)."""
 
     model: str
+    protocol: str = "full"  # or "quick": a few pieces and samples, an indication only
     by_source: dict[str, SourceResult] = field(default_factory=dict)
     reference: dict[str, Tally] = field(default_factory=dict)
 
@@ -268,7 +284,7 @@ class Result:
         sources = list(self.by_source)
         bits, events = self._nll(sources)
         pieces = [t for s in sources for t in self.by_source[s].pieces]
-        row = {"model": self.model, **self._row(bits, events, pieces)}
+        row = {"model": self.model, "protocol": self.protocol, **self._row(bits, events, pieces)}
         row["by_source"] = {s: self._row(r.nll_bits, r.events, r.pieces) for s, r in self.by_source.items()}
         ref = _merge(list(self.reference.values()))
         row["reference"] = {k: v for k, v in ref.metrics().items() if k in METRICS or k == "pieces"}
@@ -291,27 +307,32 @@ def _rounded(x):
     return x
 
 
-def evaluate_model(model: "EventModel", name: str, pieces: Sequence["EventPiece"], cfg: "Config",
-                   seed: int = 0, *, samples: int = 1, progress: Callable[[str], None] | None = None) -> Result:
-    """NLL and continuation measures of one model on ``pieces``."""
-    from coplayer.gen.continue_file import respond
-    from coplayer.gen.data import bar_ticks as ticks_in_bar
+class _Evaluation:
+    """One model's running totals, a test piece at a time."""
 
-    enc: Encoding = model.encoding
-    result = Result(name)
-    live = isinstance(model, MarkovModel) and model.adapt
-    controls = Controls.from_config(cfg)
-    sampler = Sampler(model, controls)
-    for i, piece in enumerate(pieces):
-        src = result.by_source.setdefault(piece.source, SourceResult())
-        ref = result.reference.setdefault(piece.source, Tally())
-        if live:
-            model.forget()
-        src.nll_bits += piece_nll_bits(model, piece.events, piece.pos).sum(axis=0)
+    def __init__(self, model: "EventModel", name: str, cfg: "Config", seed: int, samples: int,
+                 protocol: str = "full") -> None:
+        self.model, self.result = model, Result(name, protocol)
+        self.live = isinstance(model, MarkovModel) and model.adapt
+        self.controls = Controls.from_config(cfg)
+        self.sampler = Sampler(model, self.controls)
+        self.seed, self.samples = seed, samples
+
+    def add(self, i: int, piece: "EventPiece") -> None:
+        """Test piece number ``i``: its NLL, and ``samples`` continuations of its first half."""
+        from coplayer.gen.continue_file import respond
+        from coplayer.gen.data import bar_ticks as ticks_in_bar
+
+        enc: Encoding = self.model.encoding
+        src = self.result.by_source.setdefault(piece.source, SourceResult())
+        ref = self.result.reference.setdefault(piece.source, Tally())
+        if self.live:
+            self.model.forget()
+        src.nll_bits += piece_nll_bits(self.model, piece.events, piece.pos).sum(axis=0)
         src.events += len(piece)
         cut = cut_piece(piece.events, piece.pos, ticks_in_bar(piece.meter, enc))
         if cut is None:
-            continue
+            return
         call_ev, call_pos = piece.events[cut.call], piece.pos[cut.call]
         call = Context.from_events(call_ev, call_pos)
         real = Context.from_events(piece.events[cut.real], piece.pos[cut.real])
@@ -320,9 +341,9 @@ def evaluate_model(model: "EventModel", name: str, pieces: Sequence["EventPiece"
         ranges = call_ranges(call, len(enc.parts))
         real_pc = np.bincount(real.pitches % 12, minlength=12).astype(float)
         tally = Tally()
-        for j in range(samples):
-            controls.set(seed=seed + i * samples + j)
-            resp = respond(sampler, call_ev, call_pos, cut.bars, start=cut.start, bar_ticks=cut.bar_ticks)
+        for j in range(self.samples):
+            self.controls.set(seed=self.seed + i * self.samples + j)
+            resp = respond(self.sampler, call_ev, call_pos, cut.bars, start=cut.start, bar_ticks=cut.bar_ticks)
             gen = Context.from_events(resp.events, resp.pos)
             tally.add((gen.parts, gen.onsets, gen.pitches), real_pc, len(real), key, patterns, ranges)
             tally.seconds += resp.seconds
@@ -330,9 +351,15 @@ def evaluate_model(model: "EventModel", name: str, pieces: Sequence["EventPiece"
         call_pc = np.bincount(call.pitches % 12, minlength=12).astype(float)
         ref.add((real.parts, real.onsets, real.pitches), real_pc, len(real), key, patterns, ranges,
                 js=js_divergence(call_pc, real_pc))
-        if progress and (i + 1) % 10 == 0:
-            progress(f"{name}: {i + 1}/{len(pieces)} pieces")
-    return result
+
+
+def evaluate_model(model: "EventModel", name: str, pieces: Sequence["EventPiece"], cfg: "Config",
+                   seed: int = 0, *, samples: int = 1) -> Result:
+    """NLL and continuation measures of one model on ``pieces``."""
+    evaluation = _Evaluation(model, name, cfg, seed, samples)
+    for i, piece in enumerate(pieces):
+        evaluation.add(i, piece)
+    return evaluation.result
 
 
 # -- which models and pieces -------------------------------------------------------------
@@ -361,38 +388,60 @@ def default_models() -> list[str]:
     return ["markov", "markov-live", *shipped_continuation_models()]
 
 
-def test_pieces(encoding: Encoding, limit: int | None = None,
-                sources: Sequence[str] | None = None) -> tuple[list["EventPiece"], list[str]]:
+def test_pieces(encoding: Encoding, limit: int | None = None, sources: Sequence[str] | None = None,
+                parse: bool = True) -> tuple[list["EventPiece"], list[str]]:
     """Chorale test pieces, then melody test pieces when their corpus is available; notes on what is missing.
 
     ``sources`` picks corpora (default: the chorales and every melody corpus;
-    the first use of a melody corpus parses it, minutes, then it is cached).
+    the first use of a melody corpus parses it, minutes, then it is cached;
+    with ``parse`` false a melody corpus not parsed yet is left out instead).
     """
-    from coplayer.gen.data import MELODY_CORPORA, load_pieces
+    from coplayer.gen.data import MELODY_CORPORA, load_pieces, melodies_parsed
 
     sources = ("bach", *MELODY_CORPORA) if sources is None else tuple(sources)
     pieces = load_pieces("test", encoding, ("bach",))[:limit] if "bach" in sources else []
     notes = []
     for corpus in (c for c in MELODY_CORPORA if c in sources):
         try:
+            if not parse and not melodies_parsed():
+                notes.append(f"{corpus} left out: its melodies are not parsed yet (the full protocol "
+                             "parses them once, minutes, then --quick includes them)")
+                continue
             pieces += load_pieces("test", encoding, (corpus,))[:limit]
         except CoplayerError as exc:
             notes.append(f"{corpus} left out: {exc}")
     return pieces, notes
 
 
+def quick_subset(pieces: Sequence["EventPiece"], per_source: int | None = None) -> list["EventPiece"]:
+    """``--quick``'s pieces: a fixed draw of ``per_source`` pieces of each corpus, in their order.
+
+    Seeded by the corpus name, so every quick run measures the same pieces of
+    a corpus, whichever other corpora it includes (``per_source``: QUICK_PIECES)."""
+    per_source = per_source or QUICK_PIECES
+    out = []
+    for source in dict.fromkeys(p.source for p in pieces):
+        mine = [p for p in pieces if p.source == source]
+        rng = np.random.default_rng([QUICK_SEED, zlib.crc32(source.encode())])
+        out += [mine[k] for k in sorted(rng.choice(len(mine), size=min(per_source, len(mine)), replace=False))]
+    return out
+
+
 def evaluate_models(names: Sequence[str], cfg: "Config", pieces: Sequence["EventPiece"], seed: int = 0,
-                    progress: Callable[[str], None] | None = None, samples: int = 1) -> list[Result]:
+                    samples: int = 1, progress: "Progress | None" = None, protocol: str = "full") -> list[Result]:
+    """Every model on every piece.  The models take each piece in turn, so the
+    pace (and ``progress``'s estimate of the time left) stays even throughout:
+    ``progress`` advances once per piece, weighted by the piece's events.
+    ``protocol`` labels the results ('full', or 'quick' for --quick)."""
     from coplayer.gen.continue_file import load_event_model
 
-    results = []
-    for name in names:
-        t0 = time.perf_counter()
-        results.append(evaluate_model(load_event_model(name), name, pieces, cfg, seed, samples=samples,
-                                      progress=progress))
+    evaluations = [_Evaluation(load_event_model(name), name, cfg, seed, samples, protocol) for name in names]
+    for i, piece in enumerate(pieces):
+        for evaluation in evaluations:
+            evaluation.add(i, piece)
         if progress:
-            progress(f"{name}: done in {time.perf_counter() - t0:.0f} s")
-    return results
+            progress.advance(len(piece), note=piece.source)
+    return [e.result for e in evaluations]
 
 
 # -- the report --------------------------------------------------------------------------
@@ -421,6 +470,8 @@ def format_table(results: Sequence[Result]) -> str:
     metric_names = ["nll_bits_per_event", *(f"  {f}" for f in FIELDS), *METRICS, "empty",
                     "continuation_notes", "notes_per_second"]
     out = []
+    if any(r["protocol"] == "quick" for r in rows):
+        out += [QUICK_WARNING, ""]
     for title, rs, pick, ref in sections:
         head = f"{title:<22}" + "".join(f"{r['model']:>{width + 2}}" for r in rs) + f"{'real 2nd half':>{width + 2}}  better"
         out += [head, "-" * len(head)]
