@@ -128,7 +128,9 @@ class StatsListener:
         self.messages: list[tuple[str, tuple]] = []
         self.stats: tuple | None = None
         self.stats_count = 0
-        self.ports: tuple | None = None  # the latest /coplayer/ports: xruns, skipped cycles, overflowed (-1: unknown)
+        # the latest /coplayer/ports: xruns, skipped cycles, overflowed, note-offs resent,
+        # note-ons dropped late (-1: unknown)
+        self.ports: tuple | None = None
         self.ports_count = 0
         self._lock = threading.Lock()
         dispatcher = Dispatcher()
@@ -156,7 +158,19 @@ class StatsListener:
 
     def skipped(self) -> int | None:
         """Cycles JACK skipped coplayer's input client, per the latest ports message."""
-        return self.ports[1] if self.ports and self.ports[1] >= 0 else None
+        return self._port_count(1)
+
+    def resent(self) -> int | None:
+        """Note-offs coplayer's outputs wrote again after an xrun, per the latest ports message."""
+        return self._port_count(3)
+
+    def dropped_late(self) -> int | None:
+        """Note-ons (and SysEx) coplayer dropped as too late, per the latest ports message."""
+        return self._port_count(4)
+
+    def _port_count(self, i: int) -> int | None:
+        ports = self.ports
+        return ports[i] if ports and len(ports) > i and ports[i] >= 0 else None
 
     def close(self) -> None:
         self._server.shutdown()

@@ -11,7 +11,11 @@ worker's items (one lock), sparing a thread hop per note:
   the latency budget's reach the fallback), the note goes to the part's
   port and channel (mode ``respond``: through, untouched), and the
   :class:`~coplayer.engine.router.Router` remembers where it went.  The
-  time from the callback to the send is the note's *decision latency*;
+  time from the callback to the send is the note's *decision latency*.
+  Under overload, a note-on (or SysEx) that waited longer than the budget
+  plus one input period (JACK's cycle) is dropped and counted instead of
+  played late; the input's reader sheds such messages before Python sees
+  them where it can (:meth:`BaseInput.set_stale`);
 * **note-off**: to the port and channel of its note-on, always, never
   subject to the budget;
 * **controllers** (sustain, other CCs, pitch bend, channel pressure): to
@@ -53,7 +57,7 @@ from coplayer.engine.router import (BEND, CONTROL, NOTE_OFF, NOTE_ON, POLY_PRESS
 from coplayer.engine.session import SessionRecorder, session_path
 from coplayer.engine.stats import LatencyStats
 from coplayer.io.clock import InternalClock, make_clock
-from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority
+from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority, sheddable
 
 if TYPE_CHECKING:  # pragma: no cover
     from coplayer.config import Config
@@ -71,6 +75,10 @@ WARM_UP_SKIPPED = 4
 WORKER_RT_PRIORITY = 10  # SCHED_FIFO priority of the worker, below JACK's (usually 70+)
 RECENT = 4096  # latency samples behind the live statistics (view, OSC)
 FEEDBACK_WINDOW_NS = 30_000_000
+# How late an input may stamp a message after it came, where it cannot say
+# (BaseInput.period_ns: JACK's cycle): rtmidi stamps on arrival, so this is
+# slack for the hand-over between threads.
+STAMP_SLACK_NS = 1_000_000
 
 
 class Responder(Protocol):
@@ -342,6 +350,9 @@ class Engine:
         self._tick_s = 0.0  # the period of the input's idle ticks, when they keep the model warm
         self._ticks_off = False  # the input's idle ticks were switched off for a long rest
         self._closed = False
+        # A note-on (or SysEx) that waited longer than this is dropped, not played
+        # late (see _handle); set at start from the input's period.
+        self._stale_ns = self.decider.budget_ns + STAMP_SLACK_NS
         self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
         self.notes_out: Counter = Counter()  # notes sent per part
         self._last_pitch: dict[str, int] = {}
@@ -363,6 +374,9 @@ class Engine:
         if self._thread is not None:
             return self
         self._program_changes()
+        if self.input is not None:
+            self._stale_ns = self.decider.budget_ns + (self.input.period_ns() or STAMP_SLACK_NS)
+            self.input.set_stale(self._stale_ns)
         warm_s = self.cfg.latency.keep_warm_ms / 1e3
         if self.input is not None and self.input.own_thread and warm_s and self.input.set_idle(self._warm_here, warm_s):
             self._tick_s, warm_s = warm_s, 0.0  # the input's idle ticks keep the model warm, never as a note comes
@@ -517,6 +531,12 @@ class Engine:
                       type(exc).__name__, exc, what, n, exc_info=n == 1)
 
     def _handle(self, data: Message, t_ns: int) -> None:
+        if self._now() - t_ns > self._stale_ns and sheddable(data):
+            # Overload: it waited past the budget (plus the input's stamp
+            # slack).  Late is worse than never; its note-off finds nothing
+            # held and sends nothing.
+            self.counts["dropped late"] += 1
+            return
         self._last_in_ns = t_ns
         if self.guard is not None and self.guard.is_echo(data, t_ns, self._holds):
             return self._feedback()
@@ -885,7 +905,8 @@ class Engine:
         routed), over_budget (notes slower than the budget), notes per part,
         feedback drops, errors, the responder's statistics, the input's
         xruns, skipped cycles and dropped messages, the note-offs the outputs
-        sent again.  ``recent``: the
+        sent again, the note-ons (and SysEx) dropped because they waited
+        longer than the budget allows (``dropped_late``).  ``recent``: the
         percentiles of the last few thousand notes only (cheap, for live use)."""
         if recent:
             window = LatencyStats(self.cfg.latency.budget_ms, self.latency.samples_ns[-RECENT:])
@@ -906,6 +927,8 @@ class Engine:
         # Note-offs the outputs wrote again after an xrun (the JACK safety net; None elsewhere).
         resent = [n for n in (p.resent() for p in self.outputs.ports()) if n is not None]
         s["resent"] = sum(resent) if resent else None
+        shed = port.shed() if port is not None else None
+        s["dropped_late"] = s.get("dropped_late", 0) + (shed or 0)
         return s
 
     def sounding(self) -> bool:

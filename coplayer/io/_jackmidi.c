@@ -285,6 +285,7 @@ int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, i
 #define MAX_MESSAGE 4096     /* longest message (SysEx) a port carries */
 #define OUT_RING (1 << 16)   /* bytes of messages waiting per output */
 #define IN_RING (1 << 18)    /* bytes of messages waiting for the reader */
+#define IN_RESERVE (IN_RING / 4) /* room only note-offs and controllers may take */
 
 /* A port's life: LIVE; CLOSING (its output buffer is still cleared each
  * cycle, so JACK re-sends nothing, but nothing new is written or read);
@@ -314,6 +315,10 @@ typedef struct {
     sem_t ready;
     volatile uint64_t cycles;
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
+    volatile uint64_t shed;       /* input messages the reader dropped as stale (cp_set_stale) */
+    volatile int64_t stale_ns;    /* note-ons and junk older than this are shed (0: never) */
+    volatile int64_t period_ns;   /* the length of JACK's cycle */
+    jack_nframes_t rate;          /* JACK's sample rate */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
     /* Cycles of JACK's frame time this client's callback never saw (a gap
@@ -332,6 +337,19 @@ typedef struct {
     volatile int64_t tick_ns;     /* start of the cycle of the last idle tick */
     int64_t fresh_ns;             /* how long after its cycle's start a tick is still worth taking */
 } cp_client;
+
+/* A message that may be dropped under load: a note-on (late is worse than
+ * never), SysEx, or bytes that are no MIDI channel message.  Note-offs,
+ * controllers (sustain off, All Notes Off, coplayer's own controls), bends
+ * and clock always go through. */
+static int sheddable(const unsigned char *m, size_t len) {
+    int status = m[0];
+    if (status < 0x80 || status == 0xF0 || status == 0xFE) return 1;
+    if (status >= 0xF0) return 0;
+    size_t want = (status & 0xE0) == 0xC0 ? 2 : 3; /* program change and channel pressure: 2 bytes */
+    if (len != want) return 1;
+    return (status & 0xF0) == 0x90 && m[2] != 0;
+}
 
 static int64_t mono_ns(void) {
     struct timespec ts;
@@ -355,6 +373,7 @@ static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
     int got = 0;
+    c->period_ns = (int64_t)nframes * 1000000000 / c->rate;
     int gap_seen = 0;
     jack_nframes_t frame = c->last_frame + nframes; /* a guess where JACK cannot tell */
     if (J.last_frame_time) {
@@ -388,7 +407,9 @@ static int process(jack_nframes_t nframes, void *arg) {
                 jack_midi_event_t ev;
                 if (J.midi_event_get(&ev, buf, k) != 0 || ev.size == 0 || ev.size > MAX_MESSAGE) continue;
                 in_header h = {t, (uint16_t)ev.size, (uint8_t)i};
-                if (J.rb_write_space(c->in_ring) < sizeof h + ev.size) {
+                size_t space = J.rb_write_space(c->in_ring);
+                /* the last quarter of the ring is kept for what ends notes */
+                if (space < sizeof h + ev.size || (space < IN_RESERVE && sheddable(ev.buffer, ev.size))) {
                     c->lost_in++;
                     continue;
                 }
@@ -464,7 +485,9 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
     c->in_ring = J.rb_create(IN_RING);
     J.rb_mlock(c->in_ring);
     sem_init(&c->ready, 0, 0);
-    c->net_window = (jack_nframes_t)(NET_WINDOW_S * (J.get_sample_rate ? J.get_sample_rate(c->client) : 48000));
+    c->rate = J.get_sample_rate ? J.get_sample_rate(c->client) : 0;
+    if (!c->rate) c->rate = 48000; /* a guess where JACK cannot tell */
+    c->net_window = (jack_nframes_t)(NET_WINDOW_S * c->rate);
     J.set_process_callback(c->client, process, c);
     J.on_shutdown(c->client, on_shutdown, c);
     if (J.set_xrun_callback) J.set_xrun_callback(c->client, on_xrun, c);
@@ -609,20 +632,35 @@ int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring); }
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */
 void cp_wake(cp_client *c) { sem_post(&c->ready); }
 
-/* Take one input message: its length (0 if none), its port and time. */
+/* Take one input message: its length (0 if none), its port and time.
+ * Messages sheddable() that waited longer than the stale time are dropped
+ * here and counted (cp_shed), before Python spends any time on them. */
 int cp_read(cp_client *c, unsigned char *buf, int buflen, int *port, int64_t *t_ns) {
     in_header h;
-    if (J.rb_read_space(c->in_ring) < sizeof h) return 0;
-    J.rb_read(c->in_ring, (char *)&h, sizeof h);
-    if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
-        J.rb_read_advance(c->in_ring, h.length);
-        return 0;
+    int64_t stale = c->stale_ns, now = stale > 0 ? mono_ns() : 0;
+    while (J.rb_read_space(c->in_ring) >= sizeof h) {
+        J.rb_read(c->in_ring, (char *)&h, sizeof h);
+        if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
+            J.rb_read_advance(c->in_ring, h.length);
+            continue;
+        }
+        J.rb_read(c->in_ring, (char *)buf, h.length);
+        if (stale > 0 && now - h.t_ns > stale && sheddable(buf, h.length)) {
+            c->shed++;
+            continue;
+        }
+        *port = h.port;
+        *t_ns = h.t_ns;
+        return h.length;
     }
-    J.rb_read(c->in_ring, (char *)buf, h.length);
-    *port = h.port;
-    *t_ns = h.t_ns;
-    return h.length;
+    return 0;
 }
+
+/* Shed note-ons and junk that waited longer than stale_s (0: never). */
+void cp_set_stale(cp_client *c, double stale_s) { c->stale_ns = (int64_t)(stale_s * 1e9); }
+uint64_t cp_shed(cp_client *c) { return c->shed; }
+/* The length of JACK's cycle in ns (0 before the first cycle). */
+int64_t cp_period_ns(cp_client *c) { return c->period_ns; }
 
 /* Connect two ports by full name: 0, or JACK's error (EEXIST: already). */
 int cp_connect(cp_client *c, const char *source, const char *destination) {
