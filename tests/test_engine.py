@@ -30,6 +30,8 @@ from coplayer.io.ports import now_ns
 
 PARTS = ("soprano", "alto", "tenor", "bass")
 ON, OFF, CC, BEND = 0x90, 0x80, 0xB0, 0xE0
+# What an engine sends first on each output: sustain off, All Notes Off, All Sound Off on every channel.
+CLEAN_START = [(CC | channel, number, 0) for channel in range(16) for number in (64, 123, 120)]
 
 
 def config(*overrides: str):
@@ -140,6 +142,10 @@ class Rig:
 
     def __enter__(self) -> Rig:
         self.engine.start()
+        if self.cfg.midi.clean_start:  # checked here, then out of every test's way
+            for port in self.outputs.ports():
+                assert port.sent()[:len(CLEAN_START)] == CLEAN_START, port.name
+                del port.messages[:len(CLEAN_START)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -877,3 +883,11 @@ def test_notes_the_fallback_routed_keep_the_model_estimate_current():
     assert d.steps.estimate_ns == 100_000 and d.decide(77, 100, clock[0]) == ("soprano", False)
     assert misses < 40
 
+
+def test_a_clean_start_comes_first_on_every_output_and_can_be_switched_off():
+    with Rig() as rig:  # Rig checks the clean start of every output, then clears it
+        assert rig.port("coplayer soprano").sent() == [(0xC0, 40)]
+        assert rig.port("coplayer thru").sent() == []
+    with Rig("midi.clean_start=false") as rig:
+        assert rig.port("coplayer soprano").sent() == [(0xC0, 40)]
+        assert rig.port("coplayer drums").sent() == []

@@ -373,6 +373,8 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is not None:
             return self
+        if self.cfg.midi.clean_start:
+            self._clean_start()
         self._program_changes()
         if self.input is not None:
             self._stale_ns = self.decider.budget_ns + (self.input.period_ns() or STAMP_SLACK_NS)
@@ -448,6 +450,18 @@ class Engine:
         done = threading.Event()
         self._queue.put(_Call(done.set, ()))
         return done.wait(timeout)
+
+    def _clean_start(self) -> None:
+        """Silence every channel of every output before the first note: a
+        coplayer that crashed (or was killed) may have left notes sounding
+        at the synth on these very ports.  Not remembered by the feedback
+        guard: the player's own pedal-up just after start is no echo (an
+        echo of these, through a mis-wired loop, is forwarded once and only
+        silences)."""
+        for port in self.outputs.ports():
+            for channel in range(16):
+                for number in (SUSTAIN, ALL_NOTES_OFF, ALL_SOUND_OFF):
+                    self._send(port, (CONTROL | channel, number, 0), guarded=False)
 
     def _program_changes(self) -> None:
         seen = set()
@@ -650,12 +664,13 @@ class Engine:
     # --- sending -------------------------------------------------------------------
 
     def _send(self, port: BaseOutput, data: Message, source: tuple[int, int] | None = None,
-              source_ns: int = 0) -> bool:
+              source_ns: int = 0, guarded: bool = True) -> bool:
         """Send on ``port``; a failing port is logged once and skipped after.
-        ``source``: the input (channel, pitch) ``data`` copies, arrived at ``source_ns``."""
+        ``source``: the input (channel, pitch) ``data`` copies, arrived at ``source_ns``;
+        ``guarded``: the feedback guard remembers it (to know its echo)."""
         if id(port) in self._failed:
             return False
-        if self.guard is not None:
+        if self.guard is not None and guarded:
             self.guard.sent(data, self._now(), source, source_ns)
         try:
             port.send(data)
