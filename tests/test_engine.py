@@ -538,6 +538,14 @@ def test_a_note_on_that_waited_past_the_budget_is_dropped_counted_and_its_note_o
         assert rig.engine.stats()["count"] == 1
 
 
+def test_a_note_on_whose_decision_ends_past_the_bound_is_not_played_nor_its_note_off():
+    with Rig(scorer=RuleScorer(delay_s=0.02)) as rig:  # a model step of 20 ms, no fallback
+        rig.send((ON, 76, 100), (OFF, 76, 0))
+        assert rig.notes("coplayer soprano") == [] and rig.all_silent()
+        s = rig.engine.stats()
+        assert s["dropped_late"] == 1 and s["count"] == 0
+
+
 def test_a_note_off_of_a_sounding_note_passes_however_late():
     with Rig() as rig:
         rig.send((ON, 76, 100), (ON, 40, 90), (CC, 64, 127))

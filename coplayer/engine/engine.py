@@ -584,11 +584,15 @@ class Engine:
             if responder is not None:  # an answer playing stops first (a note of this part and pitch)
                 responder.yield_to_player()
             target = self._note_target(part)
-            held = self.router.note_on(channel, pitch, target, self._audible(target))
+            late = self._now() - t_ns > self._stale_ns  # the decision took it past the bound: not played
+            held = self.router.note_on(channel, pitch, target, self._audible(target) and not late)
             if held.sounded:
                 self._catch_up(channel, target)
                 self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
-            self._latency(self._now() - t_ns)
+            if late:
+                self.counts["dropped late"] += 1
+            else:
+                self._latency(self._now() - t_ns)
             # After the send, as everything below: hearing the note may wake
             # the responder's thread, which would then compete for the GIL.
             if responder is not None:
