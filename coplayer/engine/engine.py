@@ -457,8 +457,10 @@ class Engine:
         at the synth on these very ports.  Not remembered by the feedback
         guard: the player's own pedal-up just after start is no echo (an
         echo of these, through a mis-wired loop, is forwarded once and only
-        silences)."""
+        silences).  Where the port can tell (JACK), a synth connected later,
+        before the port's first note, hears the same first."""
         for port in self.outputs.ports():
+            port.clean_on_connect()
             for channel in range(16):
                 for number in (SUSTAIN, ALL_NOTES_OFF, ALL_SOUND_OFF):
                     self._send(port, (CONTROL | channel, number, 0), guarded=False)
