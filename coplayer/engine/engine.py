@@ -547,16 +547,18 @@ class Engine:
                       type(exc).__name__, exc, what, n, exc_info=n == 1)
 
     def _handle(self, data: Message, t_ns: int) -> None:
+        status = data[0]
         if self._now() - t_ns > self._stale_ns and sheddable(data):
             # Overload: it waited past the budget (plus the input's stamp
             # slack).  Late is worse than never; its note-off finds nothing
-            # held and sends nothing.
+            # held and sends nothing.  The player's note stays in the session.
             self.counts["dropped late"] += 1
+            if status & 0xF0 == NOTE_ON:
+                self.recorder.message(None, data, t_ns)
             return
         self._last_in_ns = t_ns
         if self.guard is not None and self.guard.is_echo(data, t_ns, self._holds):
             return self._feedback()
-        status = data[0]
         if status >= 0xF0:
             return self._system(data, t_ns)
         channel = status & 0x0F
