@@ -10,7 +10,8 @@ message, and note-ons with their note-offs (every junk note-on gets its
 note-off, a few ms to 0.2 s later).  Meanwhile, from one second before to one
 second after the flood, a steady stream of real notes plays, told apart by
 their velocity (127; the junk never uses it).  Everything coplayer plays is
-read back on one input.
+read back on one input (from the parts' ports; the junk SysEx coplayer passes
+on to its thru port would flood it).
 
 Printed: coplayer's own decision latency (arrival stamp to send) of what it
 played, p50/p99/max, per its OSC feed; the end-to-end latency of the real
@@ -29,7 +30,8 @@ import json
 import random
 import time
 
-from coplayer.bench import MERGED, CoplayerProcess, Peer, StatsListener, is_on, jack_connect, sounding_after, wait_ports
+from coplayer.bench import (MERGED, PARTS, CoplayerProcess, Peer, StatsListener, is_on, jack_connect, sounding_after,
+                            wait_ports)
 from coplayer.engine.stats import summary
 from coplayer.io.ports import now_ns
 
@@ -62,7 +64,10 @@ def flood(rate: float, seconds: float, notes_per_s: float, seed: int = 0) -> dic
     try:
         cp.start()
         peer = Peer(backend="jack")
-        peer.attach(cp, merge=True)
+        jack_connect(peer.out_port(), cp.ports["in"])
+        merged = peer.listen(MERGED)
+        for part in PARTS:  # not thru: coplayer passes the junk SysEx on there, and it would flood this input
+            jack_connect(cp.ports[part], merged)
         # The real notes leave by a client of their own, so that they do not
         # queue behind the junk in the flood's own output.
         from coplayer.io.real import open_output
@@ -115,6 +120,7 @@ def flood(rate: float, seconds: float, notes_per_s: float, seed: int = 0) -> dic
                                                     "count": after[3] - (before[3] if before else 0)},
             "dropped_late": stats.dropped_late(), "ring_overflow": stats.ports[2] if stats.ports else None,
             "stuck": sounding, "resent": stats.resent(), "xruns": stats.ports[0] if stats.ports else None,
+            "listener_overflow": peer.inputs[MERGED].overflowed(),
         }
     finally:
         if player is not None:
@@ -151,7 +157,7 @@ def report(r: dict) -> list[str]:
         f"p99 {e['p99']:.3f} ms, max {e['max']:.3f} ms",
         f"dropped as too late: {r['dropped_late']}; lost because the input ring was full: {r['ring_overflow']}",
         f"notes left sounding after every note-off: {r['stuck']}; note-offs written again after xruns: "
-        f"{r['resent']}; JACK xruns: {r['xruns']}",
+        f"{r['resent']}; JACK xruns: {r['xruns']}; messages this listener itself dropped: {r['listener_overflow']}",
     ]
     return lines
 
