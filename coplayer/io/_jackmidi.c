@@ -13,6 +13,10 @@
  *     one ring buffer, stamped with the cycle's start (CLOCK_MONOTONIC), and
  *     posts a semaphore; a Python reader thread blocked in cp_wait() (the GIL
  *     released) wakes at once.  No polling, no Python in JACK's thread;
+ *   - a stuck-note safety net (cp_net_*): after JACK skipped a cycle or
+ *     reported an xrun, each output writes again the note-offs (sustain-offs,
+ *     All Notes/Sound Off) it wrote in the last 0.1 s, except for keys
+ *     struck again since;
  *   - idle ticks (cp_set_idle): after a spell with no input the callback
  *     also posts the reader, at the start of a cycle, so Python can do
  *     housekeeping (keep its model warm) when no message can arrive before
@@ -90,6 +94,9 @@ static struct {
     int (*rb_mlock)(jack_ringbuffer_t *);
     int (*set_xrun_callback)(jack_client_t *, int (*)(void *), void *); /* optional */
     jack_nframes_t (*last_frame_time)(const jack_client_t *);           /* optional */
+    jack_nframes_t (*get_sample_rate)(jack_client_t *);                  /* optional */
+    int (*set_port_connect_callback)(jack_client_t *, void (*)(uint32_t, uint32_t, int, void *), void *); /* optional */
+    jack_port_t *(*port_by_id)(jack_client_t *, uint32_t);              /* optional */
 } J;
 
 static void *libjack;
@@ -104,12 +111,21 @@ static void keep_jack_message(const char *msg) {
 
 static int load(char *err, int errlen) {
     if (libjack) return 0;
-    const char *names[] = {"libjack.so.0", "libjack.so", "libjack.0.dylib", "/usr/local/lib/libjack.0.dylib",
-                           "/opt/homebrew/lib/libjack.0.dylib", NULL};
+#ifdef __APPLE__
+    const char *names[] = {"libjack.0.dylib", "/usr/local/lib/libjack.0.dylib", "/opt/homebrew/lib/libjack.0.dylib",
+                           NULL};
+    const char *install = "install JACK (e.g. brew install jack)";
+#else
+    const char *names[] = {"libjack.so.0", "libjack.so", NULL};
+    const char *install = "install JACK (e.g. apt install libjack-jackd2-0 jackd2)";
+#endif
     void *h = NULL;
     for (int i = 0; names[i] && !h; i++) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
     if (!h) {
-        snprintf(err, errlen, "libjack not found (%s); install JACK (e.g. apt install jackd2)", dlerror());
+        char tried[160] = "";
+        for (int i = 0; names[i]; i++)
+            snprintf(tried + strlen(tried), sizeof tried - strlen(tried), "%s%s", i ? ", " : "", names[i]);
+        snprintf(err, errlen, "libjack not found (looked for %s); %s", tried, install);
         return -1;
     }
 #define SYM(field, name)                                                   \
@@ -156,8 +172,138 @@ static int load(char *err, int errlen) {
 #undef SYM
     *(void **)(&J.set_xrun_callback) = dlsym(h, "jack_set_xrun_callback");
     *(void **)(&J.last_frame_time) = dlsym(h, "jack_last_frame_time");
+    *(void **)(&J.get_sample_rate) = dlsym(h, "jack_get_sample_rate");
+    *(void **)(&J.set_port_connect_callback) = dlsym(h, "jack_set_port_connect_callback");
+    *(void **)(&J.port_by_id) = dlsym(h, "jack_port_by_id");
     libjack = h;
     return 0;
+}
+
+/* --- the stuck-note safety net ------------------------------------------- */
+
+/* MIDI in JACK's graph is lost when the client reading it is not run in the
+ * cycle it was written (measured under `jackd --no-realtime -d dummy -p 64`:
+ * every message lost was written in a cycle that the receiving client
+ * skipped, whole cycles at a time, while the writer ran on time).  A lost
+ * note-on is harmless; a lost note-off is a stuck note.  The writer learns of
+ * such a cycle from JACK's xrun notification, 1 to 17 cycles later in that
+ * measurement (2 for most), or from a gap in its own frame time.  Then it
+ * writes again the note-offs (and sustain-offs) it wrote in the last
+ * NET_WINDOW_S, except for keys struck again since: a repeated note-off of a
+ * silent key is harmless, and a note that is still held is never ended.
+ * All Notes Off and All Sound Off likewise, unless a note of their channel
+ * is held.
+ *
+ * Per output port: a ring of the last note-offs written, with the frame
+ * time of their cycle, and for each (channel, key) the note-ons written and
+ * not yet ended.  Everything is touched from the process callback only
+ * (cp_net_written / cp_net_due are plain functions, also called by the
+ * tests). */
+
+#define NET_RING 512         /* note-offs remembered per output */
+#define NET_WINDOW_S 0.1     /* how far back a resend reaches: the notification came up to 23 ms late */
+#define NET_MIN_PERIODS 8    /* ... and at least this many cycles */
+#define NET_MAX_SENDS 4      /* a note-off is written at most this often more (an xrun storm) */
+#define NET_MAX_DUE 256      /* messages one resend writes at most */
+#define PEDAL_KEY 128        /* the "keys" of a channel's sustain-off, All Notes Off, All Sound Off in done[] */
+#define NOTES_OFF_KEY 129
+#define SOUND_OFF_KEY 130
+
+typedef struct {
+    uint32_t frame;    /* frame time of the cycle that last wrote it */
+    uint8_t msg[3];
+    uint8_t sends;     /* times written again */
+} net_entry;
+
+typedef struct {
+    net_entry ring[NET_RING];
+    uint32_t next;                   /* where the next entry goes */
+    uint32_t used;                   /* entries in the ring, up to NET_RING */
+    uint16_t held[16][128];          /* note-ons written and not yet ended */
+    uint32_t held_on[16];            /* their sum per channel */
+    uint8_t pedal[16];               /* sustain pedal down */
+    uint32_t pass;                   /* resends so far: done[][] == pass marks a key written in this one */
+    uint32_t done[16][SOUND_OFF_KEY + 1];
+} cp_net;
+
+cp_net *cp_net_create(void) { return calloc(1, sizeof(cp_net)); }
+void cp_net_destroy(cp_net *n) { free(n); }
+
+static void net_remember(cp_net *n, const unsigned char *m, uint32_t frame) {
+    net_entry *e = &n->ring[n->next];
+    e->frame = frame;
+    memcpy(e->msg, m, 3);
+    e->sends = 0;
+    n->next = (n->next + 1) % NET_RING;
+    if (n->used < NET_RING) n->used++;
+}
+
+/* A message the port wrote in the cycle at `frame`. */
+void cp_net_written(cp_net *n, const unsigned char *m, int len, uint32_t frame) {
+    if (len == 1 && m[0] == 0xFF) { /* System Reset: nothing sounds, no pedal */
+        memset(n->held, 0, sizeof n->held);
+        memset(n->held_on, 0, sizeof n->held_on);
+        memset(n->pedal, 0, sizeof n->pedal);
+        return;
+    }
+    if (len != 3) return;
+    int kind = m[0] & 0xF0, ch = m[0] & 0x0F, key = m[1] & 0x7F;
+    if (kind == 0x90 && m[2]) {
+        if (n->held[ch][key] < UINT16_MAX) {
+            n->held[ch][key]++;
+            n->held_on[ch]++;
+        }
+    } else if (kind == 0x80 || kind == 0x90) {
+        if (n->held[ch][key]) {
+            n->held[ch][key]--;
+            n->held_on[ch]--;
+        }
+        net_remember(n, m, frame);
+    } else if (kind == 0xB0 && m[1] == 64) {
+        n->pedal[ch] = m[2] >= 64;
+        if (!n->pedal[ch]) net_remember(n, m, frame);
+    } else if (kind == 0xB0 && m[1] == 121) { /* Reset All Controllers: pedal up */
+        n->pedal[ch] = 0;
+    } else if (kind == 0xB0 && (m[1] == 120 || m[1] >= 123)) { /* All Sound/Notes Off, mode changes */
+        memset(n->held[ch], 0, sizeof n->held[ch]);
+        n->held_on[ch] = 0;
+        if (m[1] == 120 || m[1] == 123) net_remember(n, m, frame);
+    }
+}
+
+/* The note-offs and sustain-offs to write again in the cycle at `frame`:
+ * those written within `window` frames, oldest first, once per key, for
+ * keys with no note-on held since (and channels whose pedal is up).  Up to
+ * `max` 3-byte messages into out; returns how many. */
+int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, int max) {
+    int k = 0;
+    n->pass++;
+    if (n->pass == 0) { /* wrapped: forget every mark */
+        memset(n->done, 0, sizeof n->done);
+        n->pass = 1;
+    }
+    for (uint32_t i = 0; i < n->used && k < max; i++) {
+        net_entry *e = &n->ring[(n->next + NET_RING - n->used + i) % NET_RING];
+        if (frame - e->frame > window || e->sends >= NET_MAX_SENDS) continue; /* unsigned: wraps correctly */
+        int ch = e->msg[0] & 0x0F;
+        int key = e->msg[1] & 0x7F, busy;
+        if ((e->msg[0] & 0xF0) != 0xB0) {
+            busy = n->held[ch][key] > 0;        /* the key struck again since */
+        } else if (key == 64) {
+            key = PEDAL_KEY;
+            busy = n->pedal[ch];                /* the pedal pressed again since */
+        } else {
+            key = key == 123 ? NOTES_OFF_KEY : SOUND_OFF_KEY;
+            busy = n->held_on[ch] > 0;          /* a note of the channel struck since */
+        }
+        if (busy) continue;
+        e->frame = frame;  /* written again now: a later gap may take this one too */
+        e->sends++;
+        if (n->done[ch][key] == n->pass) continue;
+        n->done[ch][key] = n->pass;
+        memcpy(out + 3 * k++, e->msg, 3);
+    }
+    return k;
 }
 
 /* --- the client ---------------------------------------------------------- */
@@ -166,6 +312,7 @@ static int load(char *err, int errlen) {
 #define MAX_MESSAGE 4096     /* longest message (SysEx) a port carries */
 #define OUT_RING (1 << 16)   /* bytes of messages waiting per output */
 #define IN_RING (1 << 18)    /* bytes of messages waiting for the reader */
+#define IN_RESERVE (IN_RING / 4) /* room only note-offs and controllers may take */
 
 /* A port's life: LIVE; CLOSING (its output buffer is still cleared each
  * cycle, so JACK re-sends nothing, but nothing new is written or read);
@@ -175,6 +322,10 @@ enum { FREE = 0, LIVE = 1, CLOSING = 2, DEAD = 3 };
 typedef struct {
     jack_port_t *port;
     jack_ringbuffer_t *ring; /* outputs: [uint16 length][bytes]... */
+    cp_net *net;             /* outputs: the note-offs to write again after a gap */
+    volatile uint64_t resent; /* outputs: messages the net wrote again */
+    volatile int clean_on_connect; /* outputs: a new connection gets the clean start (until the first note-on) */
+    volatile int clean_due;   /* outputs: connected since; the next cycle writes the clean start */
     int is_input;
     volatile int state;
 } cp_port;
@@ -193,6 +344,10 @@ typedef struct {
     sem_t ready;
     volatile uint64_t cycles;
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
+    volatile uint64_t shed;       /* input messages the reader dropped as stale (cp_set_stale) */
+    volatile int64_t stale_ns;    /* note-ons and junk older than this are shed (0: never) */
+    volatile int64_t period_ns;   /* the length of JACK's cycle */
+    jack_nframes_t rate;          /* JACK's sample rate */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
     /* Cycles of JACK's frame time this client's callback never saw (a gap
@@ -202,6 +357,8 @@ typedef struct {
      * for 0.1 s) shows as about one cycle: its time does not jump. */
     volatile uint64_t skipped;
     jack_nframes_t last_frame;    /* frame time of the previous callback's cycle */
+    uint64_t xruns_seen;          /* xruns when the last cycle began */
+    jack_nframes_t net_window;    /* frames back a resend reaches (NET_WINDOW_S) */
     int have_frame;
     volatile int shutdown;
     volatile int64_t idle_ns;     /* post an idle tick after this long without input (0: never) */
@@ -209,6 +366,19 @@ typedef struct {
     volatile int64_t tick_ns;     /* start of the cycle of the last idle tick */
     int64_t fresh_ns;             /* how long after its cycle's start a tick is still worth taking */
 } cp_client;
+
+/* A message that may be dropped under load: a note-on (late is worse than
+ * never), SysEx, or bytes that are no MIDI channel message.  Note-offs,
+ * controllers (sustain off, All Notes Off, coplayer's own controls), bends
+ * and clock always go through. */
+static int sheddable(const unsigned char *m, size_t len) {
+    int status = m[0];
+    if (status < 0x80 || status == 0xF0 || status == 0xFE) return 1;
+    if (status >= 0xF0) return 0;
+    size_t want = (status & 0xE0) == 0xC0 ? 2 : 3; /* program change and channel pressure: 2 bytes */
+    if (len != want) return 1;
+    return (status & 0xF0) == 0x90 && m[2] != 0;
+}
 
 static int64_t mono_ns(void) {
     struct timespec ts;
@@ -218,17 +388,53 @@ static int64_t mono_ns(void) {
 
 int64_t cp_now_ns(void) { return mono_ns(); }
 
+/* Write again, first in this cycle, the note-offs the net holds due. */
+static void resend_offs(cp_port *p, void *buf, jack_nframes_t frame, jack_nframes_t window) {
+    unsigned char due[3 * NET_MAX_DUE];
+    int n = cp_net_due(p->net, frame, window, due, NET_MAX_DUE);
+    for (int k = 0; k < n; k++) {
+        if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, due + 3 * k, 3) != 0) break;
+        p->resent++;
+    }
+}
+
+/* Sustain off, All Notes Off, All Sound Off on every channel: what a new
+ * connection hears first, before the port's first note (notes a killed
+ * coplayer left at the synth stop). */
+static void clean_start(cp_port *p, void *buf, jack_nframes_t frame) {
+    static const unsigned char numbers[] = {64, 123, 120};
+    for (int ch = 0; ch < 16; ch++)
+        for (int k = 0; k < 3; k++) {
+            unsigned char m[3] = {(unsigned char)(0xB0 | ch), numbers[k], 0};
+            if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, m, 3) != 0) return;
+            cp_net_written(p->net, m, 3, frame);
+        }
+}
+
 static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
     int got = 0;
+    c->period_ns = (int64_t)nframes * 1000000000 / c->rate;
+    int gap_seen = 0;
+    jack_nframes_t frame = c->last_frame + nframes; /* a guess where JACK cannot tell */
     if (J.last_frame_time) {
-        jack_nframes_t frame = J.last_frame_time(c->client);
+        frame = J.last_frame_time(c->client);
         jack_nframes_t gap = frame - c->last_frame; /* unsigned: wraps correctly */
-        if (c->have_frame && gap > nframes) c->skipped += gap / nframes - 1;
-        c->last_frame = frame;
-        c->have_frame = 1;
+        if (c->have_frame && gap > nframes) {
+            c->skipped += gap / nframes - 1;
+            gap_seen = 1;
+        }
     }
+    c->last_frame = frame;
+    c->have_frame = 1;
+    uint64_t xruns = c->xruns;
+    if (xruns != c->xruns_seen) {
+        c->xruns_seen = xruns;
+        gap_seen = 1;
+    }
+    int resend = gap_seen;
+    jack_nframes_t window = c->net_window > NET_MIN_PERIODS * nframes ? c->net_window : NET_MIN_PERIODS * nframes;
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
         int state = p->state;
@@ -243,7 +449,9 @@ static int process(jack_nframes_t nframes, void *arg) {
                 jack_midi_event_t ev;
                 if (J.midi_event_get(&ev, buf, k) != 0 || ev.size == 0 || ev.size > MAX_MESSAGE) continue;
                 in_header h = {t, (uint16_t)ev.size, (uint8_t)i};
-                if (J.rb_write_space(c->in_ring) < sizeof h + ev.size) {
+                size_t space = J.rb_write_space(c->in_ring);
+                /* the last quarter of the ring is kept for what ends notes */
+                if (space < sizeof h + ev.size || (space < IN_RESERVE && sheddable(ev.buffer, ev.size))) {
                     c->lost_in++;
                     continue;
                 }
@@ -254,6 +462,11 @@ static int process(jack_nframes_t nframes, void *arg) {
         } else {
             J.midi_clear_buffer(buf);
             if (state != LIVE) continue;
+            if (p->clean_due) {
+                p->clean_due = 0;
+                if (p->clean_on_connect) clean_start(p, buf, frame);
+            }
+            if (resend) resend_offs(p, buf, frame, window);
             size_t room = J.midi_max_event_size(buf);
             unsigned char msg[MAX_MESSAGE];
             uint16_t len;
@@ -270,6 +483,8 @@ static int process(jack_nframes_t nframes, void *arg) {
                     c->late_out++; /* cannot happen after the size check; counted if it does */
                     break;
                 }
+                cp_net_written(p->net, msg, len, frame);
+                if (len == 3 && (msg[0] & 0xF0) == 0x90 && msg[2]) p->clean_on_connect = 0; /* a note sounds now */
                 room = J.midi_max_event_size(buf);
             }
         }
@@ -289,6 +504,18 @@ static int on_xrun(void *arg) {
     cp_client *c = arg;
     __sync_fetch_and_add(&c->xruns, 1);
     return 0;
+}
+
+/* JACK's notification thread: a connection made to one of our outputs. */
+static void on_connect(uint32_t a, uint32_t b, int connect, void *arg) {
+    cp_client *c = arg;
+    if (!connect) return;
+    jack_port_t *pa = J.port_by_id(c->client, a), *pb = J.port_by_id(c->client, b);
+    for (int i = 0; i < MAX_PORTS; i++) {
+        cp_port *p = &c->ports[i];
+        if (p->state == LIVE && !p->is_input && p->clean_on_connect && (p->port == pa || p->port == pb))
+            p->clean_due = 1;
+    }
 }
 
 static void on_shutdown(void *arg) {
@@ -317,9 +544,13 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
     c->in_ring = J.rb_create(IN_RING);
     J.rb_mlock(c->in_ring);
     sem_init(&c->ready, 0, 0);
+    c->rate = J.get_sample_rate ? J.get_sample_rate(c->client) : 0;
+    if (!c->rate) c->rate = 48000; /* a guess where JACK cannot tell */
+    c->net_window = (jack_nframes_t)(NET_WINDOW_S * c->rate);
     J.set_process_callback(c->client, process, c);
     J.on_shutdown(c->client, on_shutdown, c);
     if (J.set_xrun_callback) J.set_xrun_callback(c->client, on_xrun, c);
+    if (J.set_port_connect_callback && J.port_by_id) J.set_port_connect_callback(c->client, on_connect, c);
     if (J.activate(c->client)) {
         snprintf(err, errlen, "cannot activate the JACK client %s", name);
         J.client_close(c->client);
@@ -349,10 +580,21 @@ int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int err
     cp_port *p = &c->ports[i];
     p->port = port;
     p->is_input = is_input;
+    p->resent = 0;
+    p->clean_on_connect = 0;
+    p->clean_due = 0;
     p->ring = NULL;
+    p->net = NULL;
     if (!is_input) {
         p->ring = J.rb_create(OUT_RING);
         J.rb_mlock(p->ring);
+        p->net = cp_net_create();
+        if (!p->net) {
+            J.rb_free(p->ring);
+            J.port_unregister(c->client, port);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
     }
     __sync_synchronize();
     p->state = LIVE;
@@ -379,6 +621,17 @@ uint64_t cp_cycles(cp_client *c) { return c->cycles; }
 uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
 uint64_t cp_late_out(cp_client *c) { return c->late_out; }
 uint64_t cp_xruns(cp_client *c) { return c->xruns; }
+/* A connection made to output i before its first note-on gets the clean
+ * start (on: 1); 0 if this JACK cannot tell of connections. */
+int cp_set_clean_on_connect(cp_client *c, int i, int on) {
+    if (!(J.set_port_connect_callback && J.port_by_id)) return 0;
+    c->ports[i].clean_on_connect = on;
+    return 1;
+}
+
+/* Messages the net wrote again on output i. */
+uint64_t cp_resent(cp_client *c, int i) { return c->ports[i].resent; }
+
 /* Cycles JACK skipped this client's callback, or -1 if this JACK cannot tell. */
 int64_t cp_skipped(cp_client *c) { return J.last_frame_time ? (int64_t)c->skipped : -1; }
 int cp_is_shutdown(cp_client *c) { return c->shutdown; }
@@ -407,8 +660,10 @@ void cp_remove_port(cp_client *c, int i) {
     two_cycles(c);
     if (!c->shutdown) J.port_unregister(c->client, p->port);
     if (p->ring) J.rb_free(p->ring);
+    cp_net_destroy(p->net);
     p->port = NULL;
     p->ring = NULL;
+    p->net = NULL;
     __sync_synchronize();
     p->state = FREE;
 }
@@ -447,20 +702,35 @@ int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring); }
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */
 void cp_wake(cp_client *c) { sem_post(&c->ready); }
 
-/* Take one input message: its length (0 if none), its port and time. */
+/* Take one input message: its length (0 if none), its port and time.
+ * Messages sheddable() that waited longer than the stale time are dropped
+ * here and counted (cp_shed), before Python spends any time on them. */
 int cp_read(cp_client *c, unsigned char *buf, int buflen, int *port, int64_t *t_ns) {
     in_header h;
-    if (J.rb_read_space(c->in_ring) < sizeof h) return 0;
-    J.rb_read(c->in_ring, (char *)&h, sizeof h);
-    if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
-        J.rb_read_advance(c->in_ring, h.length);
-        return 0;
+    int64_t stale = c->stale_ns, now = stale > 0 ? mono_ns() : 0;
+    while (J.rb_read_space(c->in_ring) >= sizeof h) {
+        J.rb_read(c->in_ring, (char *)&h, sizeof h);
+        if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
+            J.rb_read_advance(c->in_ring, h.length);
+            continue;
+        }
+        J.rb_read(c->in_ring, (char *)buf, h.length);
+        if (stale > 0 && now - h.t_ns > stale && sheddable(buf, h.length)) {
+            c->shed++;
+            continue;
+        }
+        *port = h.port;
+        *t_ns = h.t_ns;
+        return h.length;
     }
-    J.rb_read(c->in_ring, (char *)buf, h.length);
-    *port = h.port;
-    *t_ns = h.t_ns;
-    return h.length;
+    return 0;
 }
+
+/* Shed note-ons and junk that waited longer than stale_s (0: never). */
+void cp_set_stale(cp_client *c, double stale_s) { c->stale_ns = (int64_t)(stale_s * 1e9); }
+uint64_t cp_shed(cp_client *c) { return c->shed; }
+/* The length of JACK's cycle in ns (0 before the first cycle). */
+int64_t cp_period_ns(cp_client *c) { return c->period_ns; }
 
 /* Connect two ports by full name: 0, or JACK's error (EEXIST: already). */
 int cp_connect(cp_client *c, const char *source, const char *destination) {
@@ -495,6 +765,7 @@ void cp_close(cp_client *c) {
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
         if (p->state != FREE && p->ring) J.rb_free(p->ring);
+        if (p->state != FREE) cp_net_destroy(p->net);
         p->state = FREE;
     }
     J.client_close(c->client);

@@ -40,6 +40,7 @@ __all__ = [
     "as_message",
     "find_port",
     "is_valid",
+    "sheddable",
     "not_found",
     "now_ns",
     "raise_priority",
@@ -149,6 +150,14 @@ def is_valid(data: Sequence[int]) -> bool:
     return len(data) == want and all(0 <= b < 0x80 for b in data[1:])
 
 
+def sheddable(data: Message) -> bool:
+    """A message dropped rather than handled late: a note-on (late is worse
+    than never) or SysEx.  Note-offs, controllers (sustain off, All Notes
+    Off, coplayer's controls), bends and clock are handled however late."""
+    status = data[0]
+    return status == 0xF0 or (status & 0xF0 == 0x90 and data[2] > 0)
+
+
 def as_message(msg: object) -> Message:
     """``msg`` (bytes, a sequence of ints or a ``mido.Message``) as a tuple."""
     if hasattr(msg, "bytes"):  # mido.Message, without importing mido
@@ -241,6 +250,23 @@ class BaseInput(BasePort):
         default): the owner then finds its own moments."""
         return False
 
+    def period_ns(self) -> int | None:
+        """How late a message may be stamped after it reached the port (JACK:
+        one cycle, as messages are stamped with the start of the cycle that
+        brought them), or None where the backend cannot tell."""
+        return None
+
+    def set_stale(self, ns: int) -> bool:
+        """Have the backend drop :func:`sheddable` messages (note-ons, junk)
+        that waited longer than ``ns`` before their delivery, cheaply, before
+        Python handles them (counted in :meth:`shed`).  False where it cannot
+        (this default): the owner then drops them itself."""
+        return False
+
+    def shed(self) -> int | None:
+        """Messages the backend dropped as stale (:meth:`set_stale`), or None."""
+        return None
+
     def __init__(self, name: str, *, on_message: Callable[[Message, int], None] | None = None, **kwargs) -> None:
         self.on_message = on_message
         self.dropped = 0  # invalid messages the backend delivered
@@ -325,6 +351,19 @@ class BaseOutput(BasePort):
         elif number in _ENDS_NOTES:
             for key in [k for k in self._notes if k[0] == channel]:
                 del self._notes[key]
+
+    def clean_on_connect(self) -> bool:
+        """Have a connection made to this port before its first note-on
+        receive sustain off, All Notes Off and All Sound Off on every channel
+        first (the engine's clean start, for a synth connected after it was
+        sent).  False where the backend cannot tell of connections (this default)."""
+        return False
+
+    def resent(self) -> int | None:
+        """Note-offs the backend wrote again because the MIDI server may have
+        lost them (JACK: after a skipped cycle or an xrun), or None if the
+        backend has no such net."""
+        return None
 
     def sounding(self) -> dict[tuple[int, int], int]:
         """{(channel, pitch): note-ons without their note-off}, channels 0-15."""
