@@ -1,0 +1,414 @@
+"""Faults and bad input through real JACK ports: nothing lost, nothing stuck.
+
+Each test starts ``coplayer run --api jack --quiet`` as a separate process,
+plays into it from a JACK client of the test's own (a :class:`Peer` whose one
+input, :data:`MERGED`, hears every coplayer output; the parts differ by
+channel) and then does one thing to it: SIGKILL and a restart, the JACK
+server killed, its outputs disconnected and reconnected, an input flood, a
+corrupt model, a session folder that cannot be written.  Each asserts at the
+peer that no key is left sounding (a note-on without its note-off, or a
+sustain pedal left down) once the fault is over; that what coplayer could
+keep is kept (the session on disk holds what was played); and, where the
+fault is an error, one clear line and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import mido
+import pytest
+
+from coplayer.bench import (
+    CC, MERGED, NOTE_OFF, NOTE_ON, OUTPUTS, CoplayerProcess, Peer, StatsListener, chord, is_on, jack_connect, match,
+    single_notes, sounding_after, wait_ports,
+)
+from coplayer.io.ports import now_ns
+from test_e2e_jack import wait_for
+
+pytestmark = pytest.mark.usefixtures("jack_server")
+
+SUSTAIN = 64
+ASSETS = Path(__file__).resolve().parents[1] / "coplayer" / "assets"
+PERIOD_MS = 64 / 48000 * 1e3  # the jack_server fixture's period
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def started():
+    """Start coplayer processes and peers that are stopped and closed at the end."""
+    processes: list[CoplayerProcess] = []
+    peers: list[Peer] = []
+
+    def coplayer(**kwargs) -> CoplayerProcess:
+        cp = CoplayerProcess(**kwargs)
+        processes.append(cp)
+        return cp.start()
+
+    def peer() -> Peer:
+        p = Peer()
+        peers.append(p)
+        return p
+
+    yield coplayer, peer
+    for cp in processes:
+        cp.stop()
+    for p in peers:
+        p.close()
+
+
+def connect(cp: CoplayerProcess, peer: Peer) -> None:
+    """Peer's output to coplayer's input, every coplayer output to the peer's
+    merged input (opened on first use), as a patchbay does."""
+    if MERGED not in peer.inputs:
+        peer.listen(MERGED)
+    merged = wait_ports([f"{peer.name} {MERGED}"])[f"{peer.name} {MERGED}"]
+    jack_connect(peer.out_port(), cp.ports["in"])
+    for what in OUTPUTS:
+        jack_connect(cp.ports[what], merged)
+
+
+def disconnect(source: str, destination: str) -> None:
+    done = subprocess.run(["jack_disconnect", source, destination], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+
+
+def heard(peer: Peer, since_ns: int = 0) -> list:
+    return peer.events((MERGED,), since_ns)
+
+
+def pedals_down(events) -> set[tuple[int, int]]:
+    """(channel, value) of every channel whose last sustain message held the pedal down."""
+    last: dict[int, int] = {}
+    for _label, msg, _t in events:
+        if len(msg) == 3 and msg[0] & 0xF0 == CC and msg[1] == SUSTAIN:
+            last[msg[0] & 0x0F] = msg[2]
+    return {(ch, v) for ch, v in last.items() if v >= 64}
+
+
+def quiet(peer: Peer, timeout_s: float = 2.0) -> bool:
+    """Nothing sounding and no pedal down at the peer, within ``timeout_s``."""
+    return wait_for(lambda: not sounding_after(heard(peer)) and not pedals_down(heard(peer)), timeout_s)
+
+
+def left_over(peer: Peer) -> str:
+    return f"sounding {sounding_after(heard(peer))}, pedals down {pedals_down(heard(peer))}"
+
+
+def played_ons(peer: Peer, since_ns: int = 0) -> Counter:
+    return Counter(msg[1] for _, msg, _ in heard(peer, since_ns) if is_on(msg))
+
+
+def input_pitches(directory: Path) -> dict[Path, Counter]:
+    """{every .mid in ``directory``: the pitches of its ``input`` track}."""
+    found = {}
+    for path in sorted(directory.glob("*.mid")):
+        tracks = {t.name: t for t in mido.MidiFile(path).tracks}
+        notes = tracks.get("input", [])
+        found[path] = Counter(m.note for m in notes if m.type == "note_on" and m.velocity)
+    return found
+
+
+def error_lines(output: str) -> list[str]:
+    """Lines of coplayer's output that are neither its greeting nor its exit report."""
+    normal = ("listening on", "wrote the session", "decision latency", "answers:", "coplayer: listening")
+    return [line for line in output.splitlines() if line.strip() and not any(n in line for n in normal)]
+
+
+def recording(directory: Path, **settings) -> dict:
+    return {"session.record": "true", "session.directory": str(directory), **settings}
+
+
+def play(peer: Peer, schedule) -> list:
+    schedule = sorted(schedule, key=lambda e: e[0])
+    return peer.play(schedule)
+
+
+# --- the faults -----------------------------------------------------------------------
+
+
+def test_sigkill_mid_chord_then_a_restart_leaves_nothing_sounding(started, tmp_path):
+    """A crash mid-chord leaves the peer's keys sounding; the next coplayer on
+    the same port names silences them as soon as it is connected, and
+    recovers what the killed one had recorded."""
+    coplayer, new_peer = started
+    cp = coplayer(settings=recording(tmp_path))
+    peer = new_peer()
+    connect(cp, peer)
+    time.sleep(0.2)
+    rng = random.Random(11)
+    before = play(peer, single_notes(8, 8.0, rng))
+    time.sleep(1.5)  # the session's journal is flushed at least every second
+    held = [48, 52, 55, 60]
+    for _, msg in chord(0.0, held, rng, dur=10.0)[:len(held)]:  # the keys go down, never up
+        peer.send(msg)
+        time.sleep(0.005)
+    assert wait_for(lambda: sounding_after(heard(peer)), 2.0), "the chord did not sound"
+    cp.proc.send_signal(signal.SIGKILL)
+    cp.proc.wait(timeout=5)
+    assert sounding_after(heard(peer)), "the chord ended without coplayer: nothing to test"
+
+    again = coplayer(name=cp.name, settings=recording(tmp_path))
+    restarted = now_ns()
+    connect(again, peer)
+    assert quiet(peer, 1.0), f"after the restart: {left_over(peer)}; it said: {again.proc.poll()}"
+    # the new process plays on, every note ended
+    after = play(peer, single_notes(6, 8.0, rng))
+    assert wait_for(lambda: sum(played_ons(peer, restarted).values()) >= 6, 3.0)
+    assert quiet(peer), left_over(peer)
+    assert again.stop() == 0, again.output
+
+    played = Counter(msg[1] for _, msg in before if is_on(msg))
+    kept = {path: pitches for path, pitches in input_pitches(tmp_path).items() if not played - pitches}
+    assert kept, (f"no session file holds the {sum(played.values())} notes played a second before the kill: "
+                  f"{input_pitches(tmp_path)}; the restart said: {again.output}")
+    assert any(path.name in again.output for path in kept), f"the recovery was not announced: {again.output}"
+    assert Counter(msg[1] for _, msg in after if is_on(msg)) <= played_ons(peer, restarted)
+
+
+@pytest.fixture
+def own_jack_server(tmp_path, monkeypatch):
+    """A JACK server of this test's own (dummy driver), made the default for
+    this process and its children; killed by the test, else at the end."""
+    if not shutil.which("jackd"):
+        pytest.skip("jackd not installed (jackd2 provides it)")
+    name = f"faults-own-{os.getpid()}"
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", name)
+    log = open(tmp_path / "jackd.log", "wb")
+    proc = subprocess.Popen(["jackd", "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "64"],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    up = subprocess.run(["jack_wait", "-w", "-t", "10"], capture_output=True, timeout=20).returncode == 0
+    if not up:
+        proc.kill()
+        proc.wait()
+        log.close()
+        pytest.fail(f"jackd did not start: {(tmp_path / 'jackd.log').read_text(errors='replace')[-500:]}")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_jack_server_killed_ends_run_with_one_line_and_the_session_on_disk(started, own_jack_server, tmp_path):
+    coplayer, new_peer = started
+    sessions = tmp_path / "sessions"
+    cp = coplayer(settings=recording(sessions))
+    peer = new_peer()
+    connect(cp, peer)
+    time.sleep(0.2)
+    sent = play(peer, single_notes(10, 10.0, random.Random(3)))
+    assert wait_for(lambda: sum(played_ons(peer).values()) >= 10, 3.0), "the notes did not come through"
+    held = 64
+    peer.send((NOTE_ON, held, 100))  # a key down when the server dies
+    time.sleep(1.2)  # the journal is flushed at least every second
+    own_jack_server.send_signal(signal.SIGKILL)
+    own_jack_server.wait(timeout=5)
+    try:
+        out, _ = cp.proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        cp.proc.kill()
+        out, _ = cp.proc.communicate()
+        pytest.fail(f"coplayer did not stop when the JACK server died: {out}")
+    cp.output = out
+    assert cp.proc.returncode != 0, f"exit code 0 after losing the JACK server: {out}"
+    assert "Traceback" not in out, out
+    errors = error_lines(out)
+    assert len(errors) == 1 and "JACK" in errors[0], f"not one clear line: {errors}"
+
+    played = Counter(msg[1] for _, msg in sent if is_on(msg)) + Counter([held])
+    if not any(input_pitches(sessions).values()):
+        # only a journal: the next start (no JACK needed) recovers it
+        again = subprocess.run([sys.executable, "-m", "coplayer", "run", "--quiet", "--duration", "0.3",
+                                "--set", "midi.backend=memory", "--set", "osc.enabled=false",
+                                *(a for k, v in recording(sessions).items() for a in ("--set", f"{k}={v}"))],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+    found = input_pitches(sessions)
+    assert any(not played - pitches for pitches in found.values()), (
+        f"the session on disk lacks notes played before the server died: {found}; "
+        f"files: {sorted(p.name for p in sessions.glob('*'))}")
+
+
+def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started):
+    """Keys released (and the pedal lifted) while coplayer's outputs have no
+    connection: the synth must not keep them once they are reconnected."""
+    coplayer, new_peer = started
+    cp = coplayer()
+    peer = new_peer()
+    connect(cp, peer)
+    time.sleep(0.2)
+    held = [45, 55, 64, 72]  # one for each of the four parts
+    for p in held:
+        peer.send((NOTE_ON, p, 100))
+        time.sleep(0.004)
+    peer.send((CC, SUSTAIN, 127))
+    assert wait_for(lambda: len(sounding_after(heard(peer))) >= len(held) and pedals_down(heard(peer)), 2.0), (
+        f"the keys did not sound: {heard(peer)}")
+    merged = wait_ports([f"{peer.name} {MERGED}"])[f"{peer.name} {MERGED}"]
+    for what in OUTPUTS:
+        disconnect(cp.ports[what], merged)
+    time.sleep(0.1)
+    for p in held:
+        peer.send((NOTE_OFF, p, 0))
+    peer.send((CC, SUSTAIN, 0))
+    time.sleep(0.3)
+    for what in OUTPUTS:
+        jack_connect(cp.ports[what], merged)
+    assert quiet(peer, 1.0), f"after reconnecting: {left_over(peer)}"
+    # and it plays on: every note after the reconnection arrives and ends
+    since = now_ns()
+    sent = play(peer, single_notes(8, 10.0, random.Random(4)))
+    expected = Counter(msg[1] for _, msg in sent if is_on(msg))
+    assert wait_for(lambda: played_ons(peer, since) == expected, 3.0), played_ons(peer, since)
+    assert quiet(peer), left_over(peer)
+
+
+def flood_messages(rng: random.Random, n: int) -> list[tuple[int, ...]]:
+    """Junk for the input: SysEx, random bytes, and notes below the real
+    notes' range (each note-on followed later by its note-off, some note-offs
+    stray)."""
+    out: list[tuple[int, ...]] = []
+    down: list[tuple[int, int]] = []
+    while len(out) < n:
+        kind = rng.random()
+        if kind < 0.15:
+            out.append((0xF0, *(rng.randrange(128) for _ in range(rng.randrange(1, 64))), 0xF7))
+        elif kind < 0.45:
+            data = [rng.randrange(256) for _ in range(rng.randrange(1, 4))]
+            if data[0] & 0xF0 in (NOTE_ON, NOTE_OFF, 0xA0) or data[0] == 0xF0:
+                data[0] = rng.choice((0xF4, 0xF5, 0xF9, 0xFD, 0x7F, 0x12))  # undefined statuses, stray data
+            out.append(tuple(data))
+        elif kind < 0.75 or not down:
+            ch, pitch = rng.randrange(16), rng.randrange(0, 40)
+            if ch != 9:  # not the drums: they pass through untouched
+                down.append((ch, pitch))
+                out.append((NOTE_ON | ch, pitch, rng.randrange(1, 128)))
+        elif kind < 0.95:
+            ch, pitch = down.pop(rng.randrange(len(down)))
+            out.append((NOTE_OFF | ch, pitch, 0))
+        else:
+            out.append((NOTE_OFF | rng.randrange(16), rng.randrange(0, 40), 0))  # a stray note-off
+    return out + [(NOTE_OFF | ch, pitch, 0) for ch, pitch in down]
+
+
+def test_input_flood_crashes_nothing_leaves_nothing_sounding_and_keeps_real_notes_on_time(started):
+    from coplayer.io.real import open_output
+
+    coplayer, new_peer = started
+    cp = coplayer(settings={"latency.stats_interval_s": 0.2})
+    stats = StatsListener(cp.osc_out)
+    peer = new_peer()
+    connect(cp, peer)
+    flood = open_output(f"{peer.name} flood", virtual=True, api="jack", client_name=f"{peer.name}flood")
+    try:
+        jack_connect(wait_ports([f"{peer.name} flood"])[f"{peer.name} flood"], cp.ports["in"])
+        time.sleep(0.2)
+        junk = flood_messages(random.Random(7), 60_000)
+        done = threading.Event()
+
+        def pour() -> None:  # ~20,000 messages/s: 100 every 5 ms, for 3 s
+            start = time.perf_counter()
+            for i in range(0, len(junk), 100):
+                wait = start + i / 20_000 - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                for msg in junk[i:i + 100]:
+                    flood._send(msg)  # raw: the port layer refuses to send malformed messages
+            done.set()
+
+        since = now_ns()
+        pourer = threading.Thread(target=pour, daemon=True)
+        pourer.start()
+        sent = play(peer, single_notes(20, 6.0, random.Random(8), start=0.1))
+        pourer.join(timeout=30)
+        assert done.is_set(), "the flood did not finish"
+        peer.wait_quiet(timeout_s=10.0)
+        stats.fresh_stats()
+    finally:
+        flood.close()
+        stats.close()
+    assert cp.proc.poll() is None, f"coplayer died under the flood: {cp.stop()} {cp.output}"
+    assert quiet(peer, 3.0), (f"{left_over(peer)}; coplayer's input xruns, skipped cycles, dropped: {stats.ports}; "
+                              f"the peer's: skipped {peer.skipped()}, dropped {peer.inputs[MERGED].overflowed()}")
+    ms = match(sent, heard(peer, since), (MERGED,))
+    real = [i for i, (_, m) in enumerate(sent) if is_on(m)]
+    arrived = [ms[i] for i in real if i in ms]
+    print(f"flood: {len(arrived)} of {len(real)} real notes arrived, "
+          f"latency max {max(arrived, default=0):.2f} ms (noisy: a shared machine)")
+    budget = 3.0
+    # coplayer drops a note-on older than its budget plus a period; the two
+    # JACK hops around it add up to a period each (and the test's own sender)
+    late = [round(x, 2) for x in arrived if x > budget + 4 * PERIOD_MS]
+    assert not late, f"real notes played late under the flood: {late}"
+    assert cp.stop() == 0, cp.output
+    assert "Traceback" not in cp.output, cp.output
+
+
+def corrupt(src: Path, dst_dir: Path) -> Path:
+    """A copy of a model truncated to half its size, its card copied beside it."""
+    dst = dst_dir / f"broken-{src.name}"
+    data = src.read_bytes()
+    dst.write_bytes(data[:len(data) // 2])
+    card = src.with_suffix(".json")
+    if card.exists():
+        shutil.copyfile(card, dst.with_suffix(".json"))
+    return dst
+
+
+@pytest.mark.parametrize("key, model", [("instrument.model", "instrument-lstm.onnx"),
+                                        ("continuation.model", "continue-markov.npz")])
+def test_corrupt_model_plays_on_with_the_fallback_and_one_line(started, tmp_path, key, model):
+    coplayer, new_peer = started
+    broken = corrupt(ASSETS / model, tmp_path)
+    cp = coplayer(mode="both", settings={key: str(broken), "tempo.bpm": 240, "continuation.silence_beats": 1.0,
+                                         "continuation.response_bars": 1})
+    peer = new_peer()
+    connect(cp, peer)
+    time.sleep(0.2)
+    since = now_ns()
+    sent = play(peer, single_notes(12, 10.0, random.Random(9)))
+    expected = Counter(msg[1] for _, msg in sent if is_on(msg))
+    assert wait_for(lambda: not expected - played_ons(peer, since), 3.0), (
+        f"notes missing: {expected - played_ons(peer, since)}")
+    time.sleep(1.5)  # a pause: the answer, from the fallback
+    assert quiet(peer, 5.0), left_over(peer)
+    assert cp.stop() == 0, cp.output
+    assert "Traceback" not in cp.output, cp.output
+    about = [line for line in cp.output.splitlines() if broken.name in line]
+    assert len(about) == 1, f"not one line about {broken.name}: {cp.output}"
+
+
+@pytest.mark.parametrize("where", ["a file", "/proc"])
+def test_unwritable_session_folder_is_one_error_before_playing(tmp_path, where):
+    if where == "a file":
+        folder = tmp_path / "sessions"
+        folder.write_text("not a folder")
+    else:
+        folder = Path("/proc") / "coplayer-sessions"
+    cp = CoplayerProcess(settings=recording(folder))
+    sets = [a for k, v in recording(folder).items() for a in ("--set", f"{k}={v}")]
+    checked = subprocess.run([sys.executable, "-m", "coplayer", "config", *sets],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode != 0, f"`coplayer config` accepted {folder}: {checked.stdout}"
+    assert checked.stderr.strip().count("\n") == 0 and "session.directory" in checked.stderr, checked.stderr
+
+    start = time.monotonic()
+    ran = subprocess.run(cp.args(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert ran.returncode != 0, f"coplayer ran with {folder}: {ran.stdout} {ran.stderr}"
+    assert "Traceback" not in ran.stderr, ran.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "session.directory" in lines[0], lines
+    assert "listening on" not in ran.stdout + ran.stderr, "it started playing"
+    print(f"refused in {time.monotonic() - start:.1f} s: {lines[0]}")
