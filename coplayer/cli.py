@@ -35,8 +35,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if args.print:
         sys.stdout.write(dump_config(cfg))
-    else:
-        print(f"configuration OK: {cfg.source}")
+        return 0
+    if cfg.session.record:  # the file is fine, but would the recording be lost?
+        from coplayer.engine.session import folder_problem
+        from coplayer.errors import ConfigError
+
+        problem = folder_problem(cfg.session.directory)
+        if problem:
+            raise ConfigError(f"session.directory: {problem}")
+    print(f"configuration OK: {cfg.source}")
     return 0
 
 

@@ -186,6 +186,8 @@ class Osc:
 class Session:
     record: bool = True
     directory: str = "sessions"
+    journal_interval_s: float = _opt(0.5, range=(0.05, 1))
+    max_mb: float = _opt(1000.0, range=(1, None))
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,16 @@ class PortNotFoundError(CoplayerError, OSError):
 
 class MissingExtraError(CoplayerError, ImportError):
     """A command needs an optional dependency that is not installed."""
+
+
+class SessionError(CoplayerError, OSError):
+    """The session folder or a session file cannot be written."""
+
+
+def one_line(error: BaseException) -> str:
+    """A library's exception as one line: its text, or its class name when the
+    text is empty (mido's EOFError, zipfile's errors) or only a key."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError):
+        return f"no entry {text}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

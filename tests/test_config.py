@@ -392,3 +392,33 @@ def test_cli_reports_a_missing_file(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     assert cli.main(["config", "--config", str(path)]) == 2
     assert capsys.readouterr().err == f"coplayer: error: config file not found: {path}\n"
+
+
+# --- the session folder ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder, expected", [
+    ("/proc/nope", "session.directory: '/proc/nope' cannot be created in '/proc': "),
+    ("FILE", "session.directory: 'FILE' is a file, not a folder"),
+    ("FILE/sessions", "session.directory: 'FILE' is a file, not a folder"),
+])
+def test_cli_reports_a_session_folder_that_cannot_be_written_in_one_line(tmp_path, capsys, folder, expected):
+    """Else `coplayer run` would play, then lose the recording at exit."""
+    (tmp_path / "taken").write_text("a file")
+    folder = folder.replace("FILE", str(tmp_path / "taken"))
+    assert cli.main(["config", "--set", f"session.directory={folder}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("coplayer: error: " + expected.replace("FILE", str(tmp_path / "taken")))
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_accepts_a_session_folder_it_can_create_without_creating_it(tmp_path, capsys):
+    folder = tmp_path / "new" / "sessions"
+    assert cli.main(["config", "--set", f"session.directory={folder}"]) == 0
+    assert capsys.readouterr().out.startswith("configuration OK")
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_does_not_check_the_folder_when_nothing_is_recorded(capsys):
+    assert cli.main(["config", "--set", "session.directory=/proc/nope", "--set", "session.record=false"]) == 0
+    assert capsys.readouterr().out.startswith("configuration OK")

@@ -795,6 +795,37 @@ def test_session_file_has_a_named_track_per_part_and_the_input(tmp_path):
     assert off == pytest.approx(mid.ticks_per_beat, abs=2)  # held for half a second at 120 BPM
 
 
+def test_record_writes_at_most_one_file_per_interval_and_says_so_once(tmp_path, caplog):
+    """1,000 /coplayer/record a second for 5 s once wrote 843 files."""
+    states = []
+    with Rig(f"session.directory={tmp_path}") as rig:
+        rig.engine._state = lambda key, value: states.append((key, value))
+        rig.send((ON, 76, 100), (OFF, 76, 0))
+        first = rig.engine.record()
+        assert [rig.engine.record() for _ in range(200)] == [None] * 200
+    assert list(tmp_path.glob("session-*.mid")) == [first]
+    assert caplog.text.count("no snapshot written") == 1 and "at most one every 5 s" in caplog.text
+    assert states[0] == ("record", str(first)) and len(states) == 201
+    assert states[-1][1].startswith("refused: the last one was written")
+    assert rig.engine.stats()["records_refused"] == 200
+
+
+def test_record_refuses_a_new_file_past_the_folders_budget(tmp_path, caplog):
+    (tmp_path / "session-old.mid").write_bytes(b"\0" * 1_200_000)
+    with Rig(f"session.directory={tmp_path}", "session.max_mb=1") as rig:
+        assert rig.engine.record() is None
+    assert [p.name for p in tmp_path.iterdir()] == ["session-old.mid"]  # nothing written, nothing deleted
+    assert "holds 1 MB, session.max_mb is 1 (coplayer deletes no recording" in caplog.text
+
+
+def test_record_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, caplog):
+    (tmp_path / "taken").write_text("")
+    with Rig(f"session.directory={tmp_path / 'taken'}") as rig:
+        assert rig.engine.record() is None
+    assert "is a file, not a folder" in caplog.text and "Traceback" not in caplog.text
+    assert rig.engine.stats()["records_failed"] == 1
+
+
 def test_session_path_is_new_each_time(tmp_path):
     first = session_path(tmp_path, stamp=0)
     first.write_bytes(b"")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +21,10 @@ import pytest
 from coplayer.config import load_config, packaged_config
 from coplayer.demo import demo_piece
 from coplayer.engine import live as live_module
+from coplayer.engine.engine import Engine
+from coplayer.engine.journal import recover
 from coplayer.engine.live import MemoryPorts, run
+from coplayer.errors import SessionError
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY = ["--set", "midi.backend=memory", "--set", "osc.enabled=false"]
@@ -161,3 +167,105 @@ def test_run_stops_with_one_message_when_its_midi_server_goes(caplog):
     live_module.wait_for_end(live, threading.Event(), None, duration=10.0)
     assert time.monotonic() - start < 2.0
     assert "the JACK server shut down: coplayer's ports are gone" in caplog.text
+
+
+# --- the session is never lost ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", ["/proc/nope", "TAKEN"])
+def test_run_refuses_a_session_folder_it_cannot_write_before_playing(tmp_path, folder):
+    (tmp_path / "taken").write_text("a file")
+    folder = folder.replace("TAKEN", str(tmp_path / "taken"))
+    result = coplayer("run", "--quiet", "--duration", "5", *MEMORY, "--set", f"session.directory={folder}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("coplayer: error: session.directory: ") and len(result.stderr.splitlines()) == 1
+    assert "listening" not in result.stderr + result.stdout  # no port was opened
+
+
+def test_run_creates_a_missing_session_folder(tmp_path):
+    folder = tmp_path / "new" / "sessions"
+    result = coplayer("run", "--quiet", "--duration", "0.3", *MEMORY, "--set", f"session.directory={folder}")
+    assert result.returncode == 0, result.stderr
+    assert [p.suffix for p in folder.iterdir()] == [".mid"]  # and its journal is gone
+
+
+def test_a_killed_run_loses_at_most_the_last_second_and_the_next_start_recovers_it(tmp_path):
+    onsets = [i * 0.1 for i in range(200)]  # a note every 0.1 s for 20 s
+    pitches = [60 + i % 24 for i in range(len(onsets))]
+    piece = write_piece(tmp_path / "long.mid", [(p, t, 0.05) for p, t in zip(pitches, onsets)])
+    folder = tmp_path / "sessions"
+    args = [sys.executable, "-m", "coplayer", "run", "--input", str(piece), "--quiet", *MEMORY, "--set", "mode=instrument",
+            "--set", f"session.directory={folder}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = "-"
+        while line and "Ctrl-C to stop" not in line:
+            line = proc.stderr.readline()
+        started = time.monotonic()  # the feeder starts just after this line
+        time.sleep(3.0)
+        killed_after = time.monotonic() - started
+        proc.kill()
+    finally:
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and list(folder.glob("*.mid")) == []
+    assert len(list(folder.glob(".session-*.journal"))) == 1
+
+    result = coplayer("run", "--quiet", "--duration", "0.3", *MEMORY, "--set", f"session.directory={folder}")
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("recovered the session of ")]
+    assert "from a run that did not finish: " in line and not list(folder.glob(".session-*.journal"))
+    recovered = Path(line.rsplit(": ", 1)[1])
+    mid = mido.MidiFile(recovered)
+    played = [m.note for m in mid.tracks[-1] if m.type == "note_on" and m.velocity]
+    routed = sum(1 for t in mid.tracks[1:-1] for m in t if m.type == "note_on" and m.velocity)
+    sure = sum(1 for t in onsets if t < killed_after - 1.25)  # a second, and the load of a shared machine
+    assert sure <= len(played) <= sum(1 for t in onsets if t < killed_after + 0.1), (len(played), killed_after)
+    assert played == pitches[:len(played)] and routed == len(played)
+    assert f"{len(played)} notes played" in line
+
+
+def test_a_session_that_cannot_be_written_at_the_end_is_one_line_exit_1_and_kept(tmp_path, monkeypatch, caplog):
+    """Disk full at exit: the journal stays, and the next start recovers it."""
+    piece = write_piece(tmp_path / "short.mid", [(60, 0.0, 0.2), (64, 0.3, 0.2)])
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "mode=instrument",
+                                               f"session.directory={tmp_path / 's'}"])
+
+    def disk_full(self, path, bpm=None):
+        raise SessionError(f"cannot write the session to {path}: No space left on device")
+
+    monkeypatch.setattr(Engine, "write_session", disk_full)
+    out = io.StringIO()
+    assert run(cfg, input_file=str(piece), quiet=True, model="zone", stream=out) == 1
+    (journal,) = (tmp_path / "s").glob(".session-*.journal")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"cannot write the session to {re.escape(str(tmp_path / 's'))}/session-[\d-]+\.mid: No space left on "
+        rf"device; what was played is kept in {re.escape(str(journal))} and recovered at the next start", errors[0])
+    assert "wrote the session" not in out.getvalue() and "Traceback" not in caplog.text
+    monkeypatch.undo()
+    (found,) = recover(tmp_path / "s")
+    assert (found.played, found.answered) == (2, 2)
+
+
+def test_run_whose_ports_are_lost_says_so_once_writes_the_session_once_and_exits_1(tmp_path, monkeypatch, caplog):
+    """The JACK server dying used to end `run` with exit code 0 and 'wrote the session' twice."""
+    ports = MemoryPorts()
+    gone: list[str] = []
+    real_input = ports.input
+
+    def input_that_loses_its_server(name, virtual):
+        port = real_input(name, virtual)
+        port.lost = lambda: gone[0] if gone else None
+        return port
+
+    monkeypatch.setattr(ports, "input", input_that_loses_its_server)
+    monkeypatch.setattr(live_module, "ports_for", lambda cfg: ports)
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "mode=instrument",
+                                               f"session.directory={tmp_path}"])
+    threading.Timer(0.5, gone.append, ("the JACK server shut down",)).start()
+    out = io.StringIO()
+    with caplog.at_level(logging.INFO):
+        assert run(cfg, quiet=True, model="zone", stream=out, duration=30) == 1
+    text = out.getvalue() + caplog.text
+    assert text.count("wrote the session") == 1 and text.count("coplayer's ports are gone") == 1
+    assert len(list(tmp_path.glob("session-*.mid"))) == 1 and not list(tmp_path.glob(".session-*"))

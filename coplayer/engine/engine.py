@@ -50,9 +50,10 @@ from coplayer.config import MODES
 from coplayer.engine.controls import CcControls
 from coplayer.engine.router import (BEND, CONTROL, NOTE_OFF, NOTE_ON, POLY_PRESSURE, PRESSURE,
                                     ControllerMirror, FeedbackGuard, Router, Target, note_off_of)
-from coplayer.engine.session import SessionRecorder, session_path
+from coplayer.engine.session import SessionRecorder, SnapshotGate, prepare_folder, session_path
 from coplayer.engine.stats import LatencyStats
 from coplayer.io.clock import InternalClock, make_clock
+from coplayer.errors import SessionError
 from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from coplayer.instrument.instrumenter import Instrumenter
     from coplayer.io.clock import Clock
 
-__all__ = ["Decider", "Engine", "Outputs"]
+__all__ = ["Decider", "Engine", "Outputs", "session_tracks"]
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,12 @@ class _Call:
 _STOP = object()
 
 
+def session_tracks(cfg: "Config") -> dict:
+    """The tracks of a session file: the parts in order, their programs and (0-based) channels."""
+    return {"parts": list(cfg.part_names), "programs": {p.name: p.program for p in cfg.parts},
+            "channels": {p.name: p.channel - 1 for p in cfg.parts}}
+
+
 class Engine:
     """Routes a player's MIDI to the parts; see the module docstring.
 
@@ -322,6 +329,8 @@ class Engine:
         self.latency = LatencyStats(budget_ms=cfg.latency.budget_ms)
         self._free_clock = InternalClock(self.clock.bpm, now())
         self.recorder = SessionRecorder(self.beat_at, now)
+        self.snapshots = SnapshotGate(cfg.session.directory, cfg.session.max_mb)
+        self._refusals = 0  # snapshots refused since the last one written
         drums = cfg.midi.drum_channel
         self._drum_channel = None if drums is None else drums - 1
         self._muted: set[str] = set()
@@ -857,12 +866,29 @@ class Engine:
             self.responder.set_response_bars(bars)
         self._state("response_bars", bars)
 
-    def record(self) -> Path:
-        """Write the session so far to a new file in ``session.directory``."""
-        path = self.write_session(session_path(self.cfg.session.directory))
-        log.info("wrote the session to %s", path)
+    def record(self) -> Path | None:
+        """Write the session so far to a new file in ``session.directory``
+        (OSC ``/coplayer/record``): at most one every few seconds, none past
+        ``session.max_mb``; a refusal or a failure is one line (the first of
+        a flood), and the OSC ``record`` state says it."""
+        refused = self.snapshots.refusal()
+        if refused:
+            return self._not_recorded("refused", refused)
+        try:
+            path = self.write_session(session_path(prepare_folder(self.cfg.session.directory)))
+        except SessionError as exc:
+            return self._not_recorded("failed", str(exc))
+        self._refusals = 0
+        log.info("wrote a snapshot of the session to %s", path)
         self._state("record", str(path))
         return path
+
+    def _not_recorded(self, what: str, why: str) -> None:
+        self.counts[f"records {what}"] += 1
+        self._refusals += 1
+        if self._refusals == 1:
+            log.warning("/coplayer/record: no snapshot written: %s", why)
+        self._state("record", f"{what}: {why}")
 
     # --- time, session, statistics ---------------------------------------------------
 
@@ -874,11 +900,9 @@ class Engine:
         return self._free_clock.beat_at(t_ns)
 
     def write_session(self, path: str | Path, bpm: float | None = None) -> Path:
-        """The input and every part so far, one named track each, to ``path``."""
-        parts = list(self.cfg.part_names)
-        return self.recorder.write(path, parts, bpm or self.clock.bpm,
-                                   programs={p.name: p.program for p in self.cfg.parts},
-                                   channels={p.name: p.channel - 1 for p in self.cfg.parts})
+        """The input and every part so far, one named track each, to ``path``
+        (whole or not at all; :class:`SessionError` if it cannot be written)."""
+        return self.recorder.write(path, bpm=bpm or self.clock.bpm, **session_tracks(self.cfg))
 
     def stats(self, recent: bool = False) -> dict:
         """Decision latency (count, p50/p99/max ms), misses (notes the fallback

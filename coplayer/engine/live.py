@@ -8,9 +8,11 @@
   surrounds it);
 * :class:`Feeder` replays a MIDI file into the input port's callback path,
   as if played live;
-* :func:`run` is ``coplayer run``: until Ctrl-C, SIGTERM, ``--duration`` or
-  the end of ``--input`` and of the last answer; then the session file and
-  the latency statistics.
+* :func:`run` is ``coplayer run``: until Ctrl-C, SIGTERM, ``--duration``,
+  the end of ``--input`` and of the last answer, or the loss of its ports;
+  then the session file and the latency statistics.  Before a port opens,
+  it checks the session folder, recovers the sessions of runs that did not
+  finish and starts the journal of this one (:mod:`coplayer.engine.journal`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from coplayer.engine.controls import OscFeed, osc_handlers
-from coplayer.engine.engine import Engine, Outputs
+from coplayer.engine.engine import Engine, Outputs, session_tracks
+from coplayer.engine.journal import Journal, recover
 from coplayer.engine.router import Target
+from coplayer.engine.session import prepare_folder, session_path
 from coplayer.engine.view import LiveView, responses_text, summary_line
-from coplayer.errors import CoplayerError, MidiFileError
+from coplayer.errors import CoplayerError, MidiFileError, SessionError
 from coplayer.io.memory import MemoryHub
 from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, now_ns
 
@@ -302,24 +306,26 @@ class Feeder:
             self.done.set()
 
 
-def wait_for_end(live: Live, stop: threading.Event, feeder: Feeder | None, duration: float | None) -> None:
-    """Until ``stop`` is set, ``duration`` seconds pass, or the feeder is done
-    and the answer to its last phrase has been played."""
+def wait_for_end(live: Live, stop: threading.Event, feeder: Feeder | None, duration: float | None) -> bool:
+    """Until ``stop`` is set, ``duration`` seconds pass, the feeder is done
+    and the answer to its last phrase has been played (True), or the ports
+    are lost (False, said in one line)."""
     deadline = None if duration is None else time.monotonic() + duration
     ended_at = None
     while not stop.wait(0.05):
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            return
+            return True
         lost = live.input.lost()
         if lost:
             log.error("%s: coplayer's ports are gone, so it stops (start the server, then coplayer again)", lost)
-            return
+            return False
         if feeder is None or not feeder.done.is_set():
             continue
         ended_at = ended_at or now
         if _answered(live.engine, now - ended_at):
-            return
+            return True
+    return True
 
 
 def _answered(engine: Engine, since_end_s: float) -> bool:
@@ -367,14 +373,25 @@ def _on_sigterm(stop: threading.Event):
 
 def run(cfg: "Config", *, input_file: str | None = None, quiet: bool = False, api: str | None = None,
         duration: float | None = None, model: str | None = None, stream: TextIO | None = None) -> int:
-    """``coplayer run``; returns the exit code."""
+    """``coplayer run``; returns the exit code: 1 if the ports were lost or
+    the session could not be written (its journal is then kept)."""
     stream = stream if stream is not None else sys.stdout
     cfg = _with_api(cfg, api)
     messages = file_messages(input_file) if input_file else None
-    live = build_live(cfg, model=model)
+    journal = open_session(cfg)
+    try:
+        live = build_live(cfg, model=model)
+    except BaseException:
+        if journal is not None:
+            journal.close(remove=True)
+        raise
+    if journal is not None:
+        engine = live.engine
+        journal.start(engine.recorder, lambda: engine.clock.bpm, cfg.session.journal_interval_s)
     stop = threading.Event()
     previous = _on_sigterm(stop)
     feeder = view = None
+    ended_well = True
     try:
         live.start()
         log.info("coplayer: %s; Ctrl-C to stop", _describe(live))
@@ -382,15 +399,29 @@ def run(cfg: "Config", *, input_file: str | None = None, quiet: bool = False, ap
             feeder = Feeder(messages, live.input._deliver).start()
         if LiveView.wanted(quiet, stream):
             view = LiveView(live.engine.snapshot, stream).start()
-        wait_for_end(live, stop, feeder, duration)
+        ended_well = wait_for_end(live, stop, feeder, duration)
     except KeyboardInterrupt:
         pass
     finally:
         _finish(live, feeder, view)
+        if journal is not None:
+            journal.stop()  # on disk up to the last note; should anything below fail, the next start recovers it
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    _report(live, cfg, stream)
-    return 0
+    saved = _report(live, journal, stream)
+    return 0 if ended_well and saved else 1
+
+
+def open_session(cfg: "Config") -> Journal | None:
+    """Before playing: the session folder is created (else
+    :class:`SessionError`), the sessions of runs that did not finish are
+    recovered, and this run's journal is opened (None: no recording)."""
+    if not cfg.session.record:
+        return None
+    folder = prepare_folder(cfg.session.directory)
+    for found in recover(folder):
+        log.warning("%s", found.message())
+    return Journal.create(folder, {**session_tracks(cfg), "bpm": cfg.tempo.bpm})
 
 
 def _finish(live: Live, feeder: Feeder | None, view: LiveView | None) -> None:
@@ -401,12 +432,31 @@ def _finish(live: Live, feeder: Feeder | None, view: LiveView | None) -> None:
     live.stop()
 
 
-def _report(live: Live, cfg: "Config", stream: TextIO) -> None:
+def _report(live: Live, journal: Journal | None, stream: TextIO) -> bool:
+    """Write the session, print the statistics; False if the session could not be written."""
     engine = live.engine
-    if cfg.session.record:
-        path = engine.record()
-        print(f"wrote the session to {path}", file=stream)
+    saved = journal is None or save_session(engine, journal, stream)
     print(f"decision latency per note: {summary_line(engine.stats())}", file=stream)
     responses = engine.stats()["responses"]
     if responses:
         print(f"answers: {responses_text(responses)}", file=stream)
+    return saved
+
+
+def save_session(engine: Engine, journal: Journal, stream: TextIO) -> bool:
+    """The session to a new file in the folder (created again if it went),
+    then the journal removed; else one line, and the journal kept."""
+    try:
+        path = engine.write_session(session_path(prepare_folder(engine.cfg.session.directory)))
+    except SessionError as exc:
+        kept = journal.path.exists()
+        journal.close(remove=False)
+        log.error("%s; %s", exc, f"what was played is kept in {journal.path} and recovered at the next start"
+                  if kept else "the journal went with the folder: this session is lost")
+        return False
+    journal.close(remove=True)
+    print(f"wrote the session to {path}", file=stream)
+    over = engine.snapshots.over_budget()
+    if over:
+        log.warning("%s", over)
+    return True

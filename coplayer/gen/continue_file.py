@@ -74,8 +74,12 @@ def choose_event_model(cfg: "Config", model: str | None = None) -> tuple["EventM
         fallback = cfg.continuation.fallback
         if fallback == "none":
             raise ModelError(f"{exc} (continuation.fallback is none: no answer)") from exc
+        try:
+            fallback_model = load_event_model("markov-live")
+        except ModelError as second:  # one line for both: the caller says what follows
+            raise ModelError(f"{exc}; its fallback cannot load either: {second}") from second
         log.warning("%s; answering with the fallback markov-live (the Continuator)", exc)
-        return load_event_model("markov-live"), "markov-live"
+        return fallback_model, "markov-live"
 
 
 def respond(sampler: Sampler, events: np.ndarray, pos: np.ndarray, bars: int, **kwargs) -> Response:

@@ -69,6 +69,8 @@ import logging
 import math
 import os
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -76,7 +78,7 @@ from typing import Iterable
 
 import numpy as np
 
-from coplayer.errors import ModelError
+from coplayer.errors import ModelError, one_line
 from coplayer.gen.encoding import FIELDS, Encoding
 
 log = logging.getLogger(__name__)
@@ -519,6 +521,7 @@ class MarkovModel:
         """The shipped counts (default) or ``path`` (.npz with its .json card beside it)."""
         npz = Path(path).with_suffix(".npz") if path is not None else asset_path()
         card_path = npz.with_suffix(".json")
+        refit = "refit it with python -m coplayer.gen.markov"
         try:
             card = json.loads(card_path.read_text(encoding="utf-8"))
             with np.load(npz) as data:
@@ -526,19 +529,22 @@ class MarkovModel:
                 lengths = data["lengths"].astype(np.int64)
                 classes, counts = data["classes"], data["twelfths"] / 12.0
         except FileNotFoundError as exc:
-            raise ModelError(f"Markov model {npz} or its card {card_path.name} is missing; "
-                             "refit it with python -m coplayer.gen.markov") from exc
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"Markov model {npz} is unreadable ({exc}); "
-                             "refit it with python -m coplayer.gen.markov") from exc
-        if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
-            raise ModelError(f"{card_path} is not a {FORMAT} v{FORMAT_VERSION} card; "
-                             "refit it with python -m coplayer.gen.markov")
+            raise ModelError(f"Markov model {npz} or its card {card_path.name} is missing; {refit}") from exc
+        # A truncated or overwritten .npz is a broken zip archive (BadZipFile, or zlib's
+        # error / EOFError inside a member); a card that is not JSON is a ValueError.
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ModelError(f"Markov model {npz} is unreadable ({one_line(exc)}); {refit}") from exc
+        if not isinstance(card, dict) or card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{card_path} is not a {FORMAT} v{FORMAT_VERSION} card; {refit}")
+        try:
+            stored = dict(card["settings"], escape=tuple(card["settings"]["escape"]))
+            settings = replace(MarkovSettings(**stored), **overrides)
+            encoding = Encoding.from_dict(card["encoding"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{card_path} has no valid settings and encoding ({one_line(exc)}); {refit}") from exc
         ptr = np.concatenate([[0], np.cumsum(lengths)])
-        stored = dict(card["settings"], escape=tuple(card["settings"]["escape"]))
-        settings = replace(MarkovSettings(**stored), **overrides)
         table = CountTable(keys, ptr, classes, counts)
-        return cls(Encoding.from_dict(card["encoding"]), table, settings,
+        return cls(encoding, table, settings,
                    name=name or ("markov-live" if adapt else "markov"), adapt=adapt, card=card)
 
 

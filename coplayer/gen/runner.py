@@ -40,7 +40,7 @@ import numpy as np
 
 from coplayer.errors import ModelError
 from coplayer.gen.encoding import ENCODING_VERSION, FIELDS, Encoding
-from coplayer.instrument.runner import check_sha, open_session, read_card, resolve_model
+from coplayer.instrument.runner import card_entries, check_sha, open_session, read_card, resolve_model
 
 TASK = "continue"
 CARD_KEYS = ("name", "task", "kind", "encoding", "graphs", "cache", "window", "sha256", "onnxruntime_min")
@@ -186,6 +186,17 @@ class OnnxEventModel:
         self._threads = threads
         self.path = resolve_model(path_or_name)
         self.card = read_card(self.path, task=TASK, keys=CARD_KEYS, exporter="export.continuation")
+        with card_entries(self.path):
+            self._load()
+        self._bos = np.zeros((1, len(FIELDS)), dtype=np.int64)
+        self._bos[0, 0] = self.bos_shift
+        self._fields = [np.zeros((1, max(k, 1)), dtype=np.int64) for k in range(len(FIELDS))]
+        self._anchor = np.zeros(1, dtype=np.int64)
+        self._pitch_field = FIELDS.index("pitch")
+        self.reset()
+
+    def _load(self) -> None:
+        """The card's encoding, cache and graphs, each checked."""
         self.name = self.card["name"]
         self.encoding = encoding_from_card(self.card)
         enc = self.card["encoding"]
@@ -212,12 +223,6 @@ class OnnxEventModel:
         self._prefill = self._open(PREFILL, self._graph_path(PREFILL), *prefill_names(self._cache_shape[0]))
         self._heads = [self._open(field, self._graph_path(field), *head_names(k), classes=int(self._sizes[k]))
                        for k, field in enumerate(FIELDS)]
-        self._bos = np.zeros((1, len(FIELDS)), dtype=np.int64)
-        self._bos[0, 0] = self.bos_shift
-        self._fields = [np.zeros((1, max(k, 1)), dtype=np.int64) for k in range(len(FIELDS))]
-        self._anchor = np.zeros(1, dtype=np.int64)
-        self._pitch_field = FIELDS.index("pitch")
-        self.reset()
 
     def _graph_path(self, role: str) -> Path:
         """A graph the card lists beside the decoder, checked against its sha256."""

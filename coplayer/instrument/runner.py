@@ -23,6 +23,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from coplayer.errors import ModelError
+from coplayer.errors import ModelError, one_line
 from coplayer.instrument.features import FEATURIZER_VERSION, Featurizer, FeatureSpec
 
 PITCH, FEATS, LOGITS = "pitch", "feats", "logits"
@@ -116,6 +118,19 @@ def read_card(model_path: Path, task: str = TASK, keys: Sequence[str] = CARD_KEY
     return card
 
 
+@contextmanager
+def card_entries(model_path: Path) -> Iterator[None]:
+    """Inside it, an entry of the card beside ``model_path`` that is missing or of
+    the wrong type (a KeyError, TypeError, ...) becomes one ModelError naming the card."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ModelError(f"model card {model_path.with_suffix('.json')} is malformed ({one_line(exc)}); "
+                         "re-export the model") from exc
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -132,6 +147,8 @@ def check_sha(model_path: Path, card: dict, expected: str | None = None) -> None
 def spec_from_card(card: dict) -> FeatureSpec:
     """The card's feature spec, checked to reproduce the card's feature names."""
     name = card.get("name", "the model")
+    if not isinstance(card["features"], dict):  # a damaged card (card_entries names it), not a featurizer
+        raise TypeError(f"its features are {card['features']!r}, not a mapping")
     try:
         spec = FeatureSpec(**card["features"])
     except TypeError as exc:
@@ -225,18 +242,19 @@ class OnnxModel:
     def __init__(self, path_or_name: str | os.PathLike, *, threads: int = 1):
         self.path = resolve_model(path_or_name)
         self.card = read_card(self.path)
-        self.name = self.card["name"]
-        check_sha(self.path, self.card)
-        self.spec = spec_from_card(self.card)
-        self.parts = tuple(self.card["parts"])
-        self._session = open_session(self.path, self.card, threads)
-        check_graph(self._session, self.card)
-        self._states = [(s["name"], tuple(s["shape"]), np.dtype(s.get("dtype", "float32")))
-                        for s in self.card["state"]]
-        _, self._outputs = node_names([name for name, _, _ in self._states])
-        # Pre-allocated inputs, rewritten in place at every step.
-        self._pitch = np.zeros(1, dtype=np.int64)
-        self._feats = np.zeros((1, len(self.card["feature_names"])), dtype=np.float32)
+        with card_entries(self.path):
+            self.name = self.card["name"]
+            check_sha(self.path, self.card)
+            self.spec = spec_from_card(self.card)
+            self.parts = tuple(self.card["parts"])
+            self._session = open_session(self.path, self.card, threads)
+            check_graph(self._session, self.card)
+            self._states = [(s["name"], tuple(s["shape"]), np.dtype(s.get("dtype", "float32")))
+                            for s in self.card["state"]]
+            _, self._outputs = node_names([name for name, _, _ in self._states])
+            # Pre-allocated inputs, rewritten in place at every step.
+            self._pitch = np.zeros(1, dtype=np.int64)
+            self._feats = np.zeros((1, len(self.card["feature_names"])), dtype=np.float32)
         self._feed: dict[str, np.ndarray] = {}
         self.reset()
 

@@ -22,7 +22,9 @@ in (coplayer listens)                 args    meaning
 /coplayer/key                         s       key lock, "C major", "auto" or "off"
 /coplayer/key_strength                f       nats an out-of-key note loses, 0-50
 /coplayer/trigger                             answer now, without waiting
-/coplayer/record                              write the session file now
+/coplayer/record                              write a snapshot of the session now (one
+                                              every 5 s at most; the state "record"
+                                              says the file, or why none was written)
 ====================================  ======  =====================================
 
 ====================================  ======  =====================================
