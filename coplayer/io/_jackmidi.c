@@ -72,6 +72,7 @@ static struct {
     const char *(*port_name)(const jack_port_t *);
     void *(*port_get_buffer)(jack_port_t *, jack_nframes_t);
     const char **(*get_ports)(jack_client_t *, const char *, const char *, unsigned long);
+    int (*port_connected)(const jack_port_t *);
     int (*connect)(jack_client_t *, const char *, const char *);
     void (*free)(void *);
     uint32_t (*midi_get_event_count)(void *);
@@ -137,6 +138,7 @@ static int load(char *err, int errlen) {
     SYM(port_name, "jack_port_name");
     SYM(port_get_buffer, "jack_port_get_buffer");
     SYM(get_ports, "jack_get_ports");
+    SYM(port_connected, "jack_port_connected");
     SYM(connect, "jack_connect");
     SYM(free, "jack_free");
     SYM(midi_get_event_count, "jack_midi_get_event_count");
@@ -172,11 +174,21 @@ static int load(char *err, int errlen) {
  * DEAD (the callback no longer touches it: it may be unregistered); FREE. */
 enum { FREE = 0, LIVE = 1, CLOSING = 2, DEAD = 3 };
 
+/* What an output owes the synths it is connected to (see owe() below). */
+enum { OWE_SUSTAIN_OFF = 1, OWE_SOUND_OFF = 2, OWE_NOTES_OFF = 4 };
+typedef struct {
+    uint8_t sounding[16][128]; /* note-ons delivered to a connection and not ended */
+    uint8_t notes[16][128];    /* note-offs owed */
+    uint8_t controls[16];      /* OWE_* bits owed */
+    int owing;
+} cp_owed;
+
 typedef struct {
     jack_port_t *port;
     jack_ringbuffer_t *ring; /* outputs: [uint16 length][bytes]... */
     int is_input;
     volatile int state;
+    cp_owed owed;            /* outputs only; touched by the process callback alone */
 } cp_port;
 
 /* The input ring holds records: header, then `length` bytes. */
@@ -218,6 +230,68 @@ static int64_t mono_ns(void) {
 
 int64_t cp_now_ns(void) { return mono_ns(); }
 
+/* --- what a disconnected output owes ------------------------------------- */
+
+/* MIDI written to an output with no connection goes nowhere.  A note-off
+ * lost that way (the synth was unplugged while a key sounded, then plugged
+ * in again) is a note left sounding; so are a sustain-off, an All Notes Off
+ * or an All Sound Off.  Each output keeps, per channel and key, the note-ons
+ * it delivered and not yet ended; what would have ended them while it had no
+ * connection is owed, and written first in the next cycle that has one.
+ * The controllers that silence a channel are owed whenever they go nowhere
+ * (a start's clean-up written before anyone connected reaches the first
+ * connection); note-offs only for notes that were heard.  A synth that is
+ * one of several connections and is unplugged alone is not seen. */
+static void owe(cp_owed *o, const unsigned char *m, size_t len, int connected) {
+    if (len == 1 && m[0] == 0xFF) { /* System Reset: as All Notes Off and sustain-off everywhere */
+        for (int ch = 0; ch < 16; ch++) {
+            memset(o->sounding[ch], 0, 128);
+            if (!connected) o->controls[ch] |= OWE_SUSTAIN_OFF | OWE_NOTES_OFF;
+        }
+        o->owing |= !connected;
+        return;
+    }
+    if (len != 3) return;
+    int kind = m[0] & 0xF0, ch = m[0] & 0x0F, key = m[1] & 0x7F;
+    if (kind == 0x90 && m[2]) {
+        if (connected && o->sounding[ch][key] < 255) o->sounding[ch][key]++;
+    } else if (kind == 0x80 || kind == 0x90) {
+        if (!o->sounding[ch][key]) return;
+        o->sounding[ch][key]--;
+        if (!connected && o->notes[ch][key] < 255) {
+            o->notes[ch][key]++;
+            o->owing = 1;
+        }
+    } else if (kind == 0xB0 && (m[1] == 120 || m[1] == 123 || (m[1] == 64 && m[2] < 64))) {
+        if (m[1] != 64) memset(o->sounding[ch], 0, 128);
+        if (!connected) {
+            o->controls[ch] |= m[1] == 64 ? OWE_SUSTAIN_OFF : m[1] == 120 ? OWE_SOUND_OFF : OWE_NOTES_OFF;
+            o->owing = 1;
+        }
+    }
+}
+
+/* Write what `o` owes into `buf`, as far as it has room; the rest waits. */
+static void pay(cp_owed *o, void *buf) {
+    static const unsigned char cc[3][2] = {{64, 0}, {120, 0}, {123, 0}};
+    for (int ch = 0; ch < 16; ch++) {
+        for (int b = 0; b < 3; b++) {
+            if (!(o->controls[ch] & (1 << b))) continue;
+            unsigned char m[3] = {(unsigned char)(0xB0 | ch), cc[b][0], cc[b][1]};
+            if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, m, 3) != 0) return;
+            o->controls[ch] &= ~(1 << b);
+        }
+        for (int key = 0; key < 128; key++) {
+            while (o->notes[ch][key]) {
+                unsigned char m[3] = {(unsigned char)(0x80 | ch), (unsigned char)key, 0};
+                if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, m, 3) != 0) return;
+                o->notes[ch][key]--;
+            }
+        }
+    }
+    o->owing = 0;
+}
+
 static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
@@ -254,6 +328,8 @@ static int process(jack_nframes_t nframes, void *arg) {
         } else {
             J.midi_clear_buffer(buf);
             if (state != LIVE) continue;
+            int connected = J.port_connected(p->port) > 0;
+            if (connected && p->owed.owing) pay(&p->owed, buf);
             size_t room = J.midi_max_event_size(buf);
             unsigned char msg[MAX_MESSAGE];
             uint16_t len;
@@ -270,6 +346,7 @@ static int process(jack_nframes_t nframes, void *arg) {
                     c->late_out++; /* cannot happen after the size check; counted if it does */
                     break;
                 }
+                owe(&p->owed, msg, len, connected);
                 room = J.midi_max_event_size(buf);
             }
         }
@@ -350,6 +427,7 @@ int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int err
     p->port = port;
     p->is_input = is_input;
     p->ring = NULL;
+    memset(&p->owed, 0, sizeof p->owed);
     if (!is_input) {
         p->ring = J.rb_create(OUT_RING);
         J.rb_mlock(p->ring);
