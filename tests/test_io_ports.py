@@ -614,3 +614,147 @@ def test_backend_choice():
         choose("alsa")
     with pytest.raises(PortError, match="JACK ports only, not alsa"):
         choose("jack", "alsa")
+
+
+# --- the stuck-note safety net of coplayer's JACK outputs (_jackmidi.c) ---------------
+
+NET_WINDOW = 4800  # frames: 0.1 s at 48 kHz, as a client opened on such a server uses
+
+
+class Net:
+    """One output's net, driven by hand: what its port wrote in which cycle
+    (``written``), and what a cycle after a gap writes again (``due``)."""
+
+    def __init__(self) -> None:
+        from coplayer.io import jack_backend
+
+        if not jack_backend.available():
+            pytest.skip("coplayer's JACK client is not built (no C compiler at install time)")
+        self.lib = jack_backend._load()
+        self.handle = self.lib.cp_net_create()
+
+    def written(self, frame: int, *messages) -> None:
+        for m in messages:
+            self.lib.cp_net_written(self.handle, bytes(m), len(m), frame)
+
+    def due(self, frame: int, window: int = NET_WINDOW) -> list[tuple[int, ...]]:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(3 * 256)
+        n = self.lib.cp_net_due(self.handle, frame, window, buf, 256)
+        return [tuple(buf.raw[i:i + 3]) for i in range(0, 3 * n, 3)]
+
+    def close(self) -> None:
+        self.lib.cp_net_destroy(self.handle)
+
+
+@pytest.fixture
+def net():
+    n = Net()
+    yield n
+    n.close()
+
+
+def test_after_a_gap_the_net_writes_again_the_recent_note_offs_of_silent_keys_only(net):
+    net.written(1000, (NOTE_ON, 60, 90), (NOTE_ON, 62, 90), (NOTE_ON | 1, 64, 90))
+    net.written(1064, (NOTE_OFF, 60, 0), (NOTE_OFF, 62, 0), (NOTE_ON | 1, 64, 90))
+    net.written(1128, (NOTE_ON, 62, 90), (NOTE_OFF | 1, 64, 0))  # 62 struck again; 64 held twice, ended once
+    assert net.due(1192) == [(NOTE_OFF, 60, 0)]
+    net.written(1256, (NOTE_ON, 62, 0), (NOTE_OFF | 1, 64, 0))  # both ended now (a note-on of velocity 0 too)
+    assert net.due(1320) == [(NOTE_OFF, 60, 0), (NOTE_OFF, 62, 0), (NOTE_OFF | 1, 64, 0)]
+
+
+def test_the_net_reaches_back_only_its_window_and_repeats_a_note_off_a_few_times(net):
+    net.written(0, (NOTE_ON, 60, 90), (NOTE_OFF, 60, 0), (NOTE_ON, 61, 90), (NOTE_OFF, 61, 0), (NOTE_OFF, 61, 0))
+    assert net.due(NET_WINDOW + 64) == []  # written too long ago
+    net.written(10_000, (NOTE_ON, 62, 90), (NOTE_OFF, 62, 0), (NOTE_OFF, 62, 0))
+    sends = [net.due(10_064 + 64 * k) for k in range(6)]
+    assert sends[0] == [(NOTE_OFF, 62, 0)]  # once per key and gap
+    assert sum(map(len, sends)) == 4  # an xrun storm does not repeat it forever
+    assert net.due(10_064 + 10 * NET_WINDOW) == []
+
+
+def test_the_net_lifts_the_pedal_again_unless_it_went_down_since(net):
+    net.written(100, (CC, 64, 127), (CC, 64, 0), (CC | 2, 64, 127), (CC | 2, 64, 0), (CC | 2, 64, 100))
+    assert net.due(164) == [(CC, 64, 0)]
+
+
+def test_all_notes_off_ends_the_held_notes_of_its_channel_for_the_net(net):
+    net.written(100, (NOTE_ON, 60, 90), (NOTE_ON, 60, 90), (NOTE_OFF, 60, 0), (CC, 123, 0))
+    assert net.due(164) == [(NOTE_OFF, 60, 0)]
+    net.written(228, (NOTE_ON, 60, 90))
+    assert net.due(292) == []  # held again
+
+
+MARK = (CC, 20, 1)  # sent before the last note-offs of a test, to tell what came before them
+_LISTENER = """
+import sys, time
+from coplayer.io.jack_backend import JackInput
+port = JackInput("listen", virtual=True, client_name=sys.argv[1],
+                 on_message=lambda data, t: print(*data, flush=True))
+print("ready", flush=True)
+sys.stdin.readline()
+port.close()
+"""
+
+
+def test_note_offs_lost_in_a_frozen_listener_are_sent_again_but_a_key_struck_since_is_not_ended(jack_server):
+    """The listening client is frozen (SIGSTOP) while coplayer's output writes
+    a note, a note-off, and a key struck, released and struck again: JACK
+    drops all of it unread.  After the freeze (an xrun tells the writer),
+    the note-off of the silent key comes again; the key held is not ended
+    until its own note-off."""
+    _, Output = _backend("jack")
+    a, b = _client_name("na"), _client_name("nb")
+    child = subprocess.Popen([sys.executable, "-c", _LISTENER, b], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    out = Output("notes", virtual=True, client_name=a)
+    late = None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
+        time.sleep(0.05)
+        out.send((NOTE_ON, 50, 90))  # a note the listener hears: the connection works
+        time.sleep(0.05)
+        xruns = out.xruns()
+        child.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 2
+        while out.xruns() == xruns and time.monotonic() < deadline:  # JACK noticed the frozen client
+            time.sleep(0.002)
+        for msg in [(NOTE_ON, 60, 90), (NOTE_OFF, 60, 0), (NOTE_ON, 62, 90), (NOTE_OFF, 62, 0), (NOTE_ON, 62, 90)]:
+            out.send(msg)
+        time.sleep(0.01)  # written into JACK's cycles, unread
+        child.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 3
+        while not out.resent() and time.monotonic() < deadline:
+            if late is None:  # an xrun of another client also tells the net to write again
+                time.sleep(0.01)
+                late = subprocess.Popen(["jack_midi_dump"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.3)
+                late.send_signal(signal.SIGSTOP)
+                time.sleep(0.02)
+                late.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
+        resent = out.resent()
+        time.sleep(0.05)
+        out.send(MARK)
+        out.send((NOTE_OFF, 62, 0))
+        out.send((NOTE_OFF, 50, 0))
+        time.sleep(0.1)
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        heard = [tuple(int(x) for x in line.split()) for line in child.stdout.read().splitlines()]
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        if late is not None:
+            late.send_signal(signal.SIGCONT)
+            late.terminate()
+            late.wait(5)
+        out.close()
+    assert resent >= 1
+    assert heard[0] == (NOTE_ON, 50, 90), heard
+    before = heard[:heard.index(MARK)]
+    assert (NOTE_OFF, 60, 0) in before, heard  # lost in the freeze, sent again
+    assert not [m for m in before if m[1] == 62], heard  # held: never ended by the net
+    assert (NOTE_OFF, 62, 0) in heard[heard.index(MARK):]  # (later xruns may repeat this one: harmless)

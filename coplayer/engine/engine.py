@@ -908,7 +908,8 @@ class Engine:
         """Decision latency (count, p50/p99/max ms), misses (notes the fallback
         routed), over_budget (notes slower than the budget), notes per part,
         feedback drops, errors, the responder's statistics, the input's
-        xruns, skipped cycles and dropped messages.  ``recent``: the
+        xruns, skipped cycles and dropped messages, the note-offs the outputs
+        sent again.  ``recent``: the
         percentiles of the last few thousand notes only (cheap, for live use)."""
         if recent:
             window = LatencyStats(self.cfg.latency.budget_ms, self.latency.samples_ns[-RECENT:])
@@ -926,6 +927,9 @@ class Engine:
         port = self.input
         s["xruns"], s["skipped_cycles"], s["dropped_in"] = (
             (port.xruns(), port.skipped_cycles(), port.overflowed()) if port is not None else (None, None, None))
+        # Note-offs the outputs wrote again after an xrun (the JACK safety net; None elsewhere).
+        resent = [n for n in (p.resent() for p in self.outputs.ports()) if n is not None]
+        s["resent"] = sum(resent) if resent else None
         return s
 
     def sounding(self) -> bool:

@@ -13,6 +13,9 @@
  *     one ring buffer, stamped with the cycle's start (CLOCK_MONOTONIC), and
  *     posts a semaphore; a Python reader thread blocked in cp_wait() (the GIL
  *     released) wakes at once.  No polling, no Python in JACK's thread;
+ *   - a stuck-note safety net (cp_net_*): after JACK skipped a cycle or
+ *     reported an xrun, each output writes again the note-offs it wrote in
+ *     the last 0.1 s, except for keys struck again since;
  *   - idle ticks (cp_set_idle): after a spell with no input the callback
  *     also posts the reader, at the start of a cycle, so Python can do
  *     housekeeping (keep its model warm) when no message can arrive before
@@ -91,6 +94,7 @@ static struct {
     int (*rb_mlock)(jack_ringbuffer_t *);
     int (*set_xrun_callback)(jack_client_t *, int (*)(void *), void *); /* optional */
     jack_nframes_t (*last_frame_time)(const jack_client_t *);           /* optional */
+    jack_nframes_t (*get_sample_rate)(jack_client_t *);                  /* optional */
 } J;
 
 static void *libjack;
@@ -105,12 +109,21 @@ static void keep_jack_message(const char *msg) {
 
 static int load(char *err, int errlen) {
     if (libjack) return 0;
-    const char *names[] = {"libjack.so.0", "libjack.so", "libjack.0.dylib", "/usr/local/lib/libjack.0.dylib",
-                           "/opt/homebrew/lib/libjack.0.dylib", NULL};
+#ifdef __APPLE__
+    const char *names[] = {"libjack.0.dylib", "/usr/local/lib/libjack.0.dylib", "/opt/homebrew/lib/libjack.0.dylib",
+                           NULL};
+    const char *install = "install JACK (e.g. brew install jack)";
+#else
+    const char *names[] = {"libjack.so.0", "libjack.so", NULL};
+    const char *install = "install JACK (e.g. apt install libjack-jackd2-0 jackd2)";
+#endif
     void *h = NULL;
     for (int i = 0; names[i] && !h; i++) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
     if (!h) {
-        snprintf(err, errlen, "libjack not found (%s); install JACK (e.g. apt install jackd2)", dlerror());
+        char tried[160] = "";
+        for (int i = 0; names[i]; i++)
+            snprintf(tried + strlen(tried), sizeof tried - strlen(tried), "%s%s", i ? ", " : "", names[i]);
+        snprintf(err, errlen, "libjack not found (looked for %s); %s", tried, install);
         return -1;
     }
 #define SYM(field, name)                                                   \
@@ -158,8 +171,114 @@ static int load(char *err, int errlen) {
 #undef SYM
     *(void **)(&J.set_xrun_callback) = dlsym(h, "jack_set_xrun_callback");
     *(void **)(&J.last_frame_time) = dlsym(h, "jack_last_frame_time");
+    *(void **)(&J.get_sample_rate) = dlsym(h, "jack_get_sample_rate");
     libjack = h;
     return 0;
+}
+
+/* --- the stuck-note safety net ------------------------------------------- */
+
+/* MIDI in JACK's graph is lost when the client reading it is not run in the
+ * cycle it was written (measured under `jackd --no-realtime -d dummy -p 64`:
+ * every message lost was written in a cycle that the receiving client
+ * skipped, whole cycles at a time, while the writer ran on time).  A lost
+ * note-on is harmless; a lost note-off is a stuck note.  The writer learns of
+ * such a cycle from JACK's xrun notification, 1 to 17 cycles later in that
+ * measurement (2 for most), or from a gap in its own frame time.  Then it
+ * writes again the note-offs (and sustain-offs) it wrote in the last
+ * NET_WINDOW_S, except for keys struck again since: a repeated note-off of a
+ * silent key is harmless, and a note that is still held is never ended.
+ *
+ * Per output port: a ring of the last note-offs written, with the frame
+ * time of their cycle, and for each (channel, key) the note-ons written and
+ * not yet ended.  Everything is touched from the process callback only
+ * (cp_net_written / cp_net_due are plain functions, also called by the
+ * tests). */
+
+#define NET_RING 512         /* note-offs remembered per output */
+#define NET_WINDOW_S 0.1     /* how far back a resend reaches: the notification came up to 23 ms late */
+#define NET_MIN_PERIODS 8    /* ... and at least this many cycles */
+#define NET_MAX_SENDS 4      /* a note-off is written at most this often more (an xrun storm) */
+#define NET_MAX_DUE 256      /* messages one resend writes at most */
+#define PEDAL_KEY 128        /* the "key" of a channel's sustain-off in done[] */
+
+typedef struct {
+    uint32_t frame;    /* frame time of the cycle that last wrote it */
+    uint8_t msg[3];
+    uint8_t sends;     /* times written again */
+} net_entry;
+
+typedef struct {
+    net_entry ring[NET_RING];
+    uint32_t next;                   /* where the next entry goes */
+    uint32_t used;                   /* entries in the ring, up to NET_RING */
+    uint16_t held[16][128];          /* note-ons written and not yet ended */
+    uint8_t pedal[16];               /* sustain pedal down */
+    uint32_t pass;                   /* resends so far: done[][] == pass marks a key written in this one */
+    uint32_t done[16][PEDAL_KEY + 1];
+} cp_net;
+
+cp_net *cp_net_create(void) { return calloc(1, sizeof(cp_net)); }
+void cp_net_destroy(cp_net *n) { free(n); }
+
+static void net_remember(cp_net *n, const unsigned char *m, uint32_t frame) {
+    net_entry *e = &n->ring[n->next];
+    e->frame = frame;
+    memcpy(e->msg, m, 3);
+    e->sends = 0;
+    n->next = (n->next + 1) % NET_RING;
+    if (n->used < NET_RING) n->used++;
+}
+
+/* A message the port wrote in the cycle at `frame`. */
+void cp_net_written(cp_net *n, const unsigned char *m, int len, uint32_t frame) {
+    if (len == 1 && m[0] == 0xFF) { /* System Reset: nothing sounds, no pedal */
+        memset(n->held, 0, sizeof n->held);
+        memset(n->pedal, 0, sizeof n->pedal);
+        return;
+    }
+    if (len != 3) return;
+    int kind = m[0] & 0xF0, ch = m[0] & 0x0F, key = m[1] & 0x7F;
+    if (kind == 0x90 && m[2]) {
+        if (n->held[ch][key] < UINT16_MAX) n->held[ch][key]++;
+    } else if (kind == 0x80 || kind == 0x90) {
+        if (n->held[ch][key]) n->held[ch][key]--;
+        net_remember(n, m, frame);
+    } else if (kind == 0xB0 && m[1] == 64) {
+        n->pedal[ch] = m[2] >= 64;
+        if (!n->pedal[ch]) net_remember(n, m, frame);
+    } else if (kind == 0xB0 && m[1] == 121) { /* Reset All Controllers: pedal up */
+        n->pedal[ch] = 0;
+    } else if (kind == 0xB0 && (m[1] == 120 || m[1] >= 123)) { /* All Sound/Notes Off, mode changes */
+        memset(n->held[ch], 0, sizeof n->held[ch]);
+    }
+}
+
+/* The note-offs and sustain-offs to write again in the cycle at `frame`:
+ * those written within `window` frames, oldest first, once per key, for
+ * keys with no note-on held since (and channels whose pedal is up).  Up to
+ * `max` 3-byte messages into out; returns how many. */
+int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, int max) {
+    int k = 0;
+    n->pass++;
+    if (n->pass == 0) { /* wrapped: forget every mark */
+        memset(n->done, 0, sizeof n->done);
+        n->pass = 1;
+    }
+    for (uint32_t i = 0; i < n->used && k < max; i++) {
+        net_entry *e = &n->ring[(n->next + NET_RING - n->used + i) % NET_RING];
+        if (frame - e->frame > window || e->sends >= NET_MAX_SENDS) continue; /* unsigned: wraps correctly */
+        int ch = e->msg[0] & 0x0F;
+        int pedal = (e->msg[0] & 0xF0) == 0xB0;
+        int key = pedal ? PEDAL_KEY : e->msg[1] & 0x7F;
+        if (pedal ? n->pedal[ch] : n->held[ch][key] > 0) continue; /* struck (pressed) again since */
+        e->frame = frame;  /* written again now: a later gap may take this one too */
+        e->sends++;
+        if (n->done[ch][key] == n->pass) continue;
+        n->done[ch][key] = n->pass;
+        memcpy(out + 3 * k++, e->msg, 3);
+    }
+    return k;
 }
 
 /* --- the client ---------------------------------------------------------- */
@@ -186,6 +305,8 @@ typedef struct {
 typedef struct {
     jack_port_t *port;
     jack_ringbuffer_t *ring; /* outputs: [uint16 length][bytes]... */
+    cp_net *net;             /* outputs: the note-offs to write again after a gap */
+    volatile uint64_t resent; /* outputs: messages the net wrote again */
     int is_input;
     volatile int state;
     cp_owed owed;            /* outputs only; touched by the process callback alone */
@@ -214,6 +335,8 @@ typedef struct {
      * for 0.1 s) shows as about one cycle: its time does not jump. */
     volatile uint64_t skipped;
     jack_nframes_t last_frame;    /* frame time of the previous callback's cycle */
+    uint64_t xruns_seen;          /* xruns when the last cycle began */
+    jack_nframes_t net_window;    /* frames back a resend reaches (NET_WINDOW_S) */
     int have_frame;
     volatile int shutdown;
     volatile int64_t idle_ns;     /* post an idle tick after this long without input (0: never) */
@@ -292,17 +415,39 @@ static void pay(cp_owed *o, void *buf) {
     o->owing = 0;
 }
 
+/* Write again, first in this cycle, the note-offs the net holds due. */
+static void resend_offs(cp_port *p, void *buf, jack_nframes_t frame, jack_nframes_t window) {
+    unsigned char due[3 * NET_MAX_DUE];
+    int n = cp_net_due(p->net, frame, window, due, NET_MAX_DUE);
+    for (int k = 0; k < n; k++) {
+        if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, due + 3 * k, 3) != 0) break;
+        p->resent++;
+    }
+}
+
 static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
     int got = 0;
+    int gap_seen = 0;
+    jack_nframes_t frame = c->last_frame + nframes; /* a guess where JACK cannot tell */
     if (J.last_frame_time) {
-        jack_nframes_t frame = J.last_frame_time(c->client);
+        frame = J.last_frame_time(c->client);
         jack_nframes_t gap = frame - c->last_frame; /* unsigned: wraps correctly */
-        if (c->have_frame && gap > nframes) c->skipped += gap / nframes - 1;
-        c->last_frame = frame;
-        c->have_frame = 1;
+        if (c->have_frame && gap > nframes) {
+            c->skipped += gap / nframes - 1;
+            gap_seen = 1;
+        }
     }
+    c->last_frame = frame;
+    c->have_frame = 1;
+    uint64_t xruns = c->xruns;
+    if (xruns != c->xruns_seen) {
+        c->xruns_seen = xruns;
+        gap_seen = 1;
+    }
+    int resend = gap_seen;
+    jack_nframes_t window = c->net_window > NET_MIN_PERIODS * nframes ? c->net_window : NET_MIN_PERIODS * nframes;
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
         int state = p->state;
@@ -330,6 +475,7 @@ static int process(jack_nframes_t nframes, void *arg) {
             if (state != LIVE) continue;
             int connected = J.port_connected(p->port) > 0;
             if (connected && p->owed.owing) pay(&p->owed, buf);
+            if (resend) resend_offs(p, buf, frame, window);
             size_t room = J.midi_max_event_size(buf);
             unsigned char msg[MAX_MESSAGE];
             uint16_t len;
@@ -347,6 +493,7 @@ static int process(jack_nframes_t nframes, void *arg) {
                     break;
                 }
                 owe(&p->owed, msg, len, connected);
+                cp_net_written(p->net, msg, len, frame);
                 room = J.midi_max_event_size(buf);
             }
         }
@@ -394,6 +541,7 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
     c->in_ring = J.rb_create(IN_RING);
     J.rb_mlock(c->in_ring);
     sem_init(&c->ready, 0, 0);
+    c->net_window = (jack_nframes_t)(NET_WINDOW_S * (J.get_sample_rate ? J.get_sample_rate(c->client) : 48000));
     J.set_process_callback(c->client, process, c);
     J.on_shutdown(c->client, on_shutdown, c);
     if (J.set_xrun_callback) J.set_xrun_callback(c->client, on_xrun, c);
@@ -426,11 +574,20 @@ int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int err
     cp_port *p = &c->ports[i];
     p->port = port;
     p->is_input = is_input;
+    p->resent = 0;
     p->ring = NULL;
     memset(&p->owed, 0, sizeof p->owed);
+    p->net = NULL;
     if (!is_input) {
         p->ring = J.rb_create(OUT_RING);
         J.rb_mlock(p->ring);
+        p->net = cp_net_create();
+        if (!p->net) {
+            J.rb_free(p->ring);
+            J.port_unregister(c->client, port);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
     }
     __sync_synchronize();
     p->state = LIVE;
@@ -457,6 +614,9 @@ uint64_t cp_cycles(cp_client *c) { return c->cycles; }
 uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
 uint64_t cp_late_out(cp_client *c) { return c->late_out; }
 uint64_t cp_xruns(cp_client *c) { return c->xruns; }
+/* Messages the net wrote again on output i. */
+uint64_t cp_resent(cp_client *c, int i) { return c->ports[i].resent; }
+
 /* Cycles JACK skipped this client's callback, or -1 if this JACK cannot tell. */
 int64_t cp_skipped(cp_client *c) { return J.last_frame_time ? (int64_t)c->skipped : -1; }
 int cp_is_shutdown(cp_client *c) { return c->shutdown; }
@@ -485,8 +645,10 @@ void cp_remove_port(cp_client *c, int i) {
     two_cycles(c);
     if (!c->shutdown) J.port_unregister(c->client, p->port);
     if (p->ring) J.rb_free(p->ring);
+    cp_net_destroy(p->net);
     p->port = NULL;
     p->ring = NULL;
+    p->net = NULL;
     __sync_synchronize();
     p->state = FREE;
 }
@@ -573,6 +735,7 @@ void cp_close(cp_client *c) {
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
         if (p->state != FREE && p->ring) J.rb_free(p->ring);
+        if (p->state != FREE) cp_net_destroy(p->net);
         p->state = FREE;
     }
     J.client_close(c->client);

@@ -16,7 +16,11 @@ one JACK client (``_jackmidi.c``, loaded with ctypes):
   real-time thread); ``t_ns`` is the start of the JACK cycle that brought
   the message, on the :func:`~coplayer.io.ports.now_ns` clock;
 * closing an output waits until JACK has taken its last messages (its
-  note-offs) before the port goes.
+  note-offs) before the port goes;
+* MIDI in JACK's graph is lost when the client reading it misses the cycle
+  it was written in (an xrun): after one, each output writes its recent
+  note-offs again, except for keys struck since (``resent`` counts them), so
+  a note-off lost in JACK does not leave a note stuck at the synth.
 
 python-rtmidi's JACK API makes one JACK client per port; with coplayer's
 dozen ports that loaded the graph enough to raise the latency jitter and
@@ -99,6 +103,11 @@ def _load() -> ctypes.CDLL:
         "cp_lost_in": (ctypes.c_uint64, [c]),
         "cp_late_out": (ctypes.c_uint64, [c]),
         "cp_skipped": (i64, [c]),
+        "cp_resent": (ctypes.c_uint64, [c, i]),
+        "cp_net_create": (c, []),
+        "cp_net_destroy": (None, [c]),
+        "cp_net_written": (None, [c, p, i, ctypes.c_uint32]),
+        "cp_net_due": (i, [c, ctypes.c_uint32, ctypes.c_uint32, p, i]),
     }
     for name, (res, args) in sig.items():
         try:
@@ -403,12 +412,21 @@ class JackOutput(_JackPort, BaseOutput):
     """A JACK MIDI output.  ``name``: the existing port to play to, or with
     ``virtual=True`` the name of the port to create."""
 
+    _resent = 0  # the count at close
+
     def __init__(self, name: str, *, virtual: bool = False, api: str = "jack",
                  client_name: str = "coplayer", port_name: str | None = None) -> None:
         super().__init__(name, virtual=virtual, client_name=client_name, port_name=port_name)
 
     def _open(self, virtual: bool, client_name: str, port_name: str | None) -> None:
         self._open_jack("output", virtual, client_name, port_name)
+
+    def resent(self) -> int | None:
+        """Note-offs (and sustain-offs) this output wrote again after JACK
+        skipped a cycle or reported an xrun (see ``_jackmidi.c``: the stuck-note
+        safety net)."""
+        client = self._client_obj
+        return int(client.lib.cp_resent(client.handle, self._index)) if client is not None else self._resent
 
     def _send(self, data: Message) -> None:
         client = self._client_obj
@@ -434,4 +452,6 @@ class JackOutput(_JackPort, BaseOutput):
             end = time.monotonic() + DRAIN_TIMEOUT_S
             while client.lib.cp_pending(client.handle, self._index) > 0 and time.monotonic() < end:
                 time.sleep(0.0005)
+        if client is not None:
+            self._resent = int(client.lib.cp_resent(client.handle, self._index))
         self._close_jack()

@@ -33,9 +33,11 @@ out (coplayer sends)                  args    meaning
 /coplayer/note                        s i i   part, pitch, velocity (0 = note-off)
 /coplayer/state                       s s     key, value of a changed setting
 /coplayer/stats                       fffii   p50 ms, p99 ms, max ms, count, misses
-/coplayer/ports                       iii     the MIDI input's xruns, cycles the server
-                                              skipped it, messages it dropped (since
-                                              start; -1: the backend cannot tell)
+/coplayer/ports                       iiii    the MIDI input's xruns, cycles the server
+                                              skipped it, messages it dropped, and
+                                              note-offs the outputs sent again after
+                                              an xrun (since start; -1: the backend
+                                              cannot tell)
 ====================================  ======  =====================================
 
 Lenient where controllers differ: an ``f`` takes an int, an ``i`` takes a
@@ -346,8 +348,8 @@ class OscOut:
     def stats(self, p50_ms: float, p99_ms: float, max_ms: float, count: int, misses: int) -> bool:
         return self.send("/coplayer/stats", float(p50_ms), float(p99_ms), float(max_ms), int(count), int(misses))
 
-    def ports(self, xruns: int | None, skipped: int | None, dropped: int | None) -> bool:
-        return self.send("/coplayer/ports", *(-1 if n is None else int(n) for n in (xruns, skipped, dropped)))
+    def ports(self, xruns: int | None, skipped: int | None, dropped: int | None, resent: int | None) -> bool:
+        return self.send("/coplayer/ports", *(-1 if n is None else int(n) for n in (xruns, skipped, dropped, resent)))
 
     def close(self) -> None:
         self._sock.close()

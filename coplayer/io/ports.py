@@ -326,6 +326,12 @@ class BaseOutput(BasePort):
             for key in [k for k in self._notes if k[0] == channel]:
                 del self._notes[key]
 
+    def resent(self) -> int | None:
+        """Note-offs the backend wrote again because the MIDI server may have
+        lost them (JACK: after a skipped cycle or an xrun), or None if the
+        backend has no such net."""
+        return None
+
     def sounding(self) -> dict[tuple[int, int], int]:
         """{(channel, pitch): note-ons without their note-off}, channels 0-15."""
         with self._lock:
