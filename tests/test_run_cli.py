@@ -123,6 +123,19 @@ def test_run_for_a_duration_without_input(tmp_path):
     assert "decision latency per note: 0 notes" in result.stdout
 
 
+def test_osc_open_to_the_network_without_an_allow_list_does_not_start():
+    ports = ["--set", f"osc.in_port={free_udp_port()}", "--set", f"osc.out_port={free_udp_port()}"]
+    base = ["run", "--quiet", "--duration", "0.3", "--set", "midi.backend=memory", "--set", "session.record=false",
+            "--set", "osc.host=0.0.0.0", *ports]
+    refused = coplayer(*base)
+    assert refused.returncode == 2 and refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("coplayer: error: OSC would listen on 0.0.0.0") and "osc.allow=[" in line
+    allowed = coplayer(*base, "--set", "osc.allow=[192.168.1.20, 10.0.0.0/24]")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "OSC in 0.0.0.0:" in allowed.stderr
+
+
 @pytest.mark.skipif(os.path.exists("/dev/snd/seq"), reason="this machine has an ALSA sequencer")
 def test_an_unavailable_api_is_one_line_suggesting_jack():
     result = coplayer("run", "--api", "alsa", "--quiet", "--duration", "0.1", "--set", "osc.enabled=false")

@@ -240,7 +240,7 @@ def build_live(cfg: "Config", maker=None, *, input_maker=None, clock: "Clock | N
 def _osc_server(cfg: "Config", engine: Engine) -> "OscServer":
     from coplayer.io.osc import OscControl, OscServer
 
-    return OscServer(OscControl(osc_handlers(engine)), cfg.osc.host, cfg.osc.in_port)
+    return OscServer(OscControl(osc_handlers(engine)), cfg.osc.host, cfg.osc.in_port, cfg.osc.allow)
 
 
 # --- replaying a file as if played live --------------------------------------------
