@@ -57,6 +57,11 @@ __all__ = [
 
 MODES = ("instrument", "respond", "both")
 MAX_SEED = 2**32 - 1
+# The longest ``coplayer continue --bars``.  The transformer hears its last 256
+# events, about 16 bars of four parts, so past that it continues itself, not
+# the input; 64 bars (over two minutes at 100 BPM) took 3.7 s for four parts
+# on this shared machine (3 December 2026), and 10,000 bars ran past 120 s.
+MAX_CONTINUE_BARS = 64
 
 
 def _opt(default: Any, **metadata: Any) -> Any:

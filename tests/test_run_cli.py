@@ -123,6 +123,15 @@ def test_run_for_a_duration_without_input(tmp_path):
     assert "decision latency per note: 0 notes" in result.stdout
 
 
+def test_run_says_why_an_empty_input_cannot_be_read(tmp_path):
+    empty = tmp_path / "empty.mid"
+    empty.write_bytes(b"")
+    result = coplayer("run", "--input", str(empty), "--quiet", *MEMORY, "--set", "session.record=false")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"coplayer: error: cannot read MIDI file {str(empty)!r}: the file is empty (not a MIDI file)"
+
+
 def test_osc_open_to_the_network_without_an_allow_list_does_not_start():
     ports = ["--set", f"osc.in_port={free_udp_port()}", "--set", f"osc.out_port={free_udp_port()}"]
     base = ["run", "--quiet", "--duration", "0.3", "--set", "midi.backend=memory", "--set", "session.record=false",

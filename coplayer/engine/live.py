@@ -19,7 +19,6 @@ import dataclasses
 import gc
 import logging
 import signal
-import struct
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from coplayer.engine.controls import OscFeed, osc_handlers
 from coplayer.engine.engine import Engine, Outputs
 from coplayer.engine.router import Target
 from coplayer.engine.view import LiveView, responses_text, summary_line
-from coplayer.errors import CoplayerError, MidiFileError
+from coplayer.errors import CoplayerError
 from coplayer.io.memory import MemoryHub
 from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, now_ns
 
@@ -245,22 +244,17 @@ def _osc_server(cfg: "Config", engine: Engine) -> "OscServer":
 
 # --- replaying a file as if played live --------------------------------------------
 
-_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, struct.error)
-
 
 def file_messages(path: str | Path) -> list[tuple[float, Message]]:
-    """(seconds from the start, message) of every MIDI message of a file."""
-    import mido
+    """(seconds from the start, message) of every MIDI message of a file;
+    :class:`MidiFileError` says why a file cannot be read (as ``arrange`` does)."""
+    from coplayer.data.midi import open_midifile
 
-    try:
-        mid = mido.MidiFile(path)
-        timeline, t = [], 0.0
-        for msg in mid:
-            t += msg.time
-            if not msg.is_meta:
-                timeline.append((t, tuple(msg.bytes())))
-    except _READ_ERRORS as exc:
-        raise MidiFileError(f"cannot read MIDI file {path}: {exc}") from None
+    timeline, t = [], 0.0
+    for msg in open_midifile(path):
+        t += msg.time
+        if not msg.is_meta:
+            timeline.append((t, tuple(msg.bytes())))
     return timeline
 
 
