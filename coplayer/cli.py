@@ -195,6 +195,17 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _bars(text: str) -> int:
+    """An argparse type: the length of a continuation, 1 to MAX_CONTINUE_BARS."""
+    from coplayer.config import MAX_CONTINUE_BARS
+
+    bars = _count(text)
+    if bars > MAX_CONTINUE_BARS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CONTINUE_BARS} bars, got {bars}; "
+                                         "continue the output again for more")
+    return bars
+
+
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=["instrument", "continue"], help="what to evaluate")
     p.add_argument("--models", nargs="+", metavar="NAME",
@@ -226,10 +237,12 @@ def _positive(text: str) -> float:
 
 
 def _add_continue(p: argparse.ArgumentParser) -> None:
+    from coplayer.config import MAX_CONTINUE_BARS
+
     p.add_argument("input", metavar="IN.mid", help="the MIDI file to continue (kept unchanged in OUT)")
     p.add_argument("-o", "--output", metavar="OUT.mid", required=True, help="where to write IN + the continuation")
-    p.add_argument("--bars", type=_count, metavar="N", help="length of the continuation (default: "
-                   "continuation.response_bars)")
+    p.add_argument("--bars", type=_bars, metavar="N", help=f"length of the continuation, 1 to {MAX_CONTINUE_BARS} "
+                   "(default: continuation.response_bars)")
     p.add_argument("--temperature", type=_positive, metavar="T", help="default: continuation.temperature")
     p.add_argument("--seed", type=int, metavar="S", help="default: continuation.seed, else a random one (printed)")
     p.add_argument("--parts", nargs="+", metavar="PART", help="parts that may play (default: "

@@ -52,10 +52,16 @@ __all__ = [
     "parse_config",
     "dump_config",
     "packaged_config",
+    "value_range",
 ]
 
 MODES = ("instrument", "respond", "both")
 MAX_SEED = 2**32 - 1
+# The longest ``coplayer continue --bars``.  The transformer hears its last 256
+# events, about 16 bars of four parts, so past that it continues itself, not
+# the input; 64 bars (over two minutes at 100 BPM) took 3.7 s for four parts
+# on this shared machine (3 December 2026), and 10,000 bars ran past 120 s.
+MAX_CONTINUE_BARS = 64
 
 
 def _opt(default: Any, **metadata: Any) -> Any:
@@ -74,6 +80,16 @@ def _check_key(value: str) -> str | None:
     if _KEY_RE.fullmatch(value.strip()):
         return None
     return "is not a key like 'C major', 'F# minor' or 'Bb major'"
+
+
+def _check_allow(entries: tuple[str, ...]) -> str | None:
+    from coplayer.io.osc import parse_allow
+
+    try:
+        parse_allow(entries)
+    except ValueError as exc:
+        return f"is not a list of addresses: {exc}"
+    return None
 
 
 # --- the schema ------------------------------------------------------------
@@ -178,6 +194,7 @@ class Osc:
     enabled: bool = True
     host: str = "127.0.0.1"
     in_port: int = _opt(9000, range=(1, 65535))
+    allow: tuple[str, ...] = _opt((), check=_check_allow)
     out_host: str = "127.0.0.1"
     out_port: int = _opt(9001, range=(1, 65535))
 
@@ -355,6 +372,16 @@ def _check_range(value: float, low: float, high: float | None, path: str) -> Non
             raise ConfigError(f"{path}: {_show(value)} is below the minimum {low}")
     elif not low <= value <= high:
         raise ConfigError(f"{path}: {_show(value)} is out of range {low}..{high}")
+
+
+def value_range(key: str) -> tuple[float, float | None]:
+    """The range the schema allows for ``key``, e.g. ``value_range("tempo.bpm")``
+    -> ``(20, 300)``; KeyError if the key has none."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = _base(_hints(cls)[section])
+    return _schema_fields(cls)[name].metadata["range"]
 
 
 # --- checks across fields --------------------------------------------------

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from coplayer.data.midi import read_midi
 from coplayer.engine.live import Feeder, Live, MemoryPorts, RealPorts, build_live, file_messages, wait_for_end
+from coplayer.engine.session import prepare_folder
 from coplayer.engine.view import responses_text, summary_line
 from coplayer.errors import ConfigError
 from coplayer.io.clock import InternalClock
@@ -95,8 +96,7 @@ def run_demo(cfg: "Config", out_dir: str | Path, model: str | None = None, *, sp
     if bpm * speed > MAX_CLOCK_BPM:
         raise ConfigError(f"--speed {speed:g}: the demo would run at {bpm * speed:.0f} BPM; "
                           f"at most {MAX_CLOCK_BPM // bpm:.0f} for this piece")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_folder(out_dir, "--out")  # before playing: one line if the files could not be written
     live, backend = _build(_demo_config(cfg, bpm), InternalClock(bpm * speed), model, virtual)
     feeder = Feeder(file_messages(piece), live.input._deliver, speed)
     try:

@@ -194,3 +194,17 @@ def test_cli_arrange_errors_are_one_line(tmp_path, capsys):
     write_midi(tempo_score(), src)
     assert main(["arrange", str(src), "-o", str(tmp_path / "o.mid"), "--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_cli_arrange_refuses_to_write_over_its_input(tmp_path, capsys):
+    src = tmp_path / "good.mid"
+    write_midi(tempo_score(), src)
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.mid").symlink_to(src)
+    for out in (src, tmp_path / "sub" / ".." / "good.mid", tmp_path / "link.mid"):
+        assert main(["arrange", str(src), "-o", str(out), "--model", "zone"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("coplayer: error: the output") and "is the input file" in err and "\n" not in err
+    assert src.read_bytes() == before
+    assert main(["arrange", str(tmp_path / "link.mid"), "-o", str(tmp_path / "new.mid"), "--model", "zone"]) == 0

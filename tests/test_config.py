@@ -18,6 +18,7 @@ from coplayer.config import (
     load_config,
     packaged_config,
     parse_config,
+    value_range,
 )
 from coplayer.errors import ConfigError
 
@@ -191,6 +192,22 @@ def test_bad_choice_lists_the_allowed_values():
     assert error_of("mode: respnd\n").endswith(
         "mode: 'respnd' is not one of instrument, respond, both; did you mean 'respond'?"
     )
+
+
+def test_osc_allow_takes_addresses_and_networks():
+    cfg = parse_config("osc: {host: 0.0.0.0, allow: [192.168.1.20, 10.0.0.0/24, '::1']}\n")
+    assert cfg.osc.allow == ("192.168.1.20", "10.0.0.0/24", "::1")
+    assert error_of("osc: {allow: [192.168.1.300]}\n") == (
+        "test.yaml: osc.allow: ('192.168.1.300',) is not a list of addresses: '192.168.1.300' is not an IP "
+        "address or network like 192.168.1.20 or 192.168.1.0/24"
+    )
+
+
+def test_value_range_is_the_schemas():
+    assert value_range("tempo.bpm") == (20, 300)
+    assert value_range("continuation.temperature") == (0.05, 5)
+    with pytest.raises(KeyError):
+        value_range("osc.host")
 
 
 def test_bad_key_lock():

@@ -300,3 +300,50 @@ def test_continue_instruments_with_the_fallback_when_the_instrumentation_model_i
         assert main(["continue", str(tmp_path / "chords.mid"), "-o", str(tmp_path / "out.mid"), "--seed", "1",
                      "--model", "markov", "--set", f"instrument.model={onnx}"]) == 0
     one_line_about(caplog.text, onnx.name)
+
+
+# -- the zone baseline (the instrumentation model's fallback) --------------------------------------
+
+
+def damaged_zone(kind: str, tmp_path: Path, monkeypatch) -> Path:
+    """A damaged copy of the shipped zone baseline, in its place for this test."""
+    from coplayer.instrument import baselines
+
+    path = tmp_path / "zone-baseline.json"
+    shutil.copy(ASSETS / "zone-baseline.json", path)
+    if kind == "garbage":
+        garbage(path)
+    elif kind == "truncated":
+        truncate(path)
+    elif kind == "lacks-counts":
+        edit_card(path, lambda z: z.pop("counts"))
+    monkeypatch.setattr(baselines, "zone_asset_path", lambda: path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "lacks-counts"])
+def test_arrange_with_a_damaged_zone_baseline_follows_the_ranges_with_one_line(kind, tmp_path, monkeypatch, caplog):
+    zone = damaged_zone(kind, tmp_path, monkeypatch)
+    src = write_melody(tmp_path / "in.mid")
+    with caplog.at_level(logging.WARNING):
+        assert main(["arrange", str(src), "-o", str(tmp_path / "out.mid"), "--model", "zone"]) == 0
+    (line,) = one_line_about(caplog.text, zone.name)
+    assert "configured ranges" in line
+
+
+def test_run_with_the_instrumentation_model_and_its_fallback_damaged_still_plays(tmp_path, monkeypatch, caplog):
+    """Both the LSTM and the zone baseline behind it: zones from the configured ranges instrument."""
+    damaged_zone("garbage", tmp_path, monkeypatch)
+    onnx = copy_model("instrument-lstm", tmp_path)
+    truncate(onnx)
+    src = write_melody(tmp_path / "in.mid", bars=1)
+    with caplog.at_level(logging.INFO):
+        assert main(["run", "--input", str(src), "--quiet", *MEMORY, "--set", f"session.directory={tmp_path}",
+                     "--set", "tempo.bpm=240", "--set", "continuation.model=markov",
+                     "--set", f"instrument.model={onnx}"]) == 0
+    one_line_about(caplog.text, "instrument-lstm.onnx")
+    one_line_about(caplog.text, "zone-baseline.json")
+    (session,) = tmp_path.glob("session-*.mid")
+    tracks = mido.MidiFile(session).tracks
+    assert sum(1 for m in tracks[-1] if m.type == "note_on" and m.velocity) == 4  # the input, recorded
+    assert sum(1 for t in tracks[1:5] for m in t if m.type == "note_on" and m.velocity) >= 4

@@ -11,7 +11,7 @@ import mido
 import numpy as np
 import pytest
 
-from coplayer.config import load_config, packaged_config
+from coplayer.config import load_config, packaged_config, value_range
 from coplayer.engine.controls import (CcControls, cc_key_strength, cc_mode, cc_response_bars, cc_temperature,
                                       osc_handlers)
 from coplayer.engine.engine import Decider, Engine
@@ -426,14 +426,54 @@ def test_osc_handlers_reach_the_engine(tmp_path):
                                                                         (False, True)]
         assert not osc.dispatch("/coplayer/part/violin/mute", [1])  # unknown part: logged, ignored
         assert not osc.dispatch("/coplayer/mode", ["loud"])
-        assert not osc.dispatch("/coplayer/tempo", [5000])
-        assert not osc.dispatch("/coplayer/key_strength", [-1.0])
-        assert osc.ignored["handler error"] == 4
+        assert not osc.dispatch("/coplayer/key", ["H major"])
+        assert osc.ignored["handler error"] == 3
         rig.send((ON, 76, 100), (OFF, 76, 0))
         assert osc.dispatch("/coplayer/record")
         assert osc.dispatch("/coplayer/panic")
         assert rig.engine.flush()
         assert len(list(tmp_path.glob("session-*.mid"))) == 1
+
+
+@pytest.mark.parametrize("address, sent, key, attribute", [
+    ("/coplayer/temperature", 3e38, "continuation.temperature", "temperature"),
+    ("/coplayer/temperature", 0.0, "continuation.temperature", "temperature"),
+    ("/coplayer/top_p", 7.0, "continuation.top_p", "top_p"),
+    ("/coplayer/key_strength", -1.0, "continuation.key_strength", "key_lock"),
+    ("/coplayer/key_strength", 1e9, "continuation.key_strength", "key_lock"),
+    ("/coplayer/tempo", 5000, "tempo.bpm", None),
+    ("/coplayer/tempo", 1, "tempo.bpm", None),
+])
+def test_a_live_value_is_clamped_to_its_configuration_range_with_one_warning(address, sent, key, attribute, caplog):
+    low, high = value_range(key)
+    expected = low if sent < low else high
+    with Rig() as rig, caplog.at_level(logging.WARNING, logger="coplayer.engine.engine"):
+        osc = OscControl(osc_handlers(rig.engine))
+        for _ in range(100):  # a flood warns once
+            assert osc.dispatch(address, [sent])
+        assert rig.engine.flush()
+        found = rig.engine.clock.bpm if attribute is None else getattr(rig.responder.controls, attribute)
+    assert found == expected
+    warnings = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert len(warnings) == 1 and f"using {expected:g}" in warnings[0]
+
+
+def test_a_live_value_that_is_not_a_number_is_refused():
+    with Rig() as rig:
+        before = rig.responder.controls.temperature
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="not a number"):
+                rig.engine.set_temperature(value)
+            with pytest.raises(ValueError, match="not a number"):
+                rig.engine.set_tempo(value)
+        assert rig.responder.controls.temperature == before
+
+
+def test_a_cc_response_length_stays_in_the_configuration_range():
+    assert (cc_response_bars(0), cc_response_bars(127)) == value_range("continuation.response_bars")
+    with Rig() as rig:
+        rig.engine.set_response_bars(10_000)
+        assert rig.engine.response_bars == value_range("continuation.response_bars")[1]
 
 
 def test_osc_feed_reports_routed_notes():

@@ -444,6 +444,32 @@ def test_continue_reports_bad_input(tmp_path, capsys):
     assert main(["continue", str(tmp_path / "nope.mid"), "-o", str(tmp_path / "o.mid")]) == 2
 
 
+def test_continue_refuses_to_write_over_its_input(tmp_path, capsys):
+    write_piece(tmp_path / "in.mid", chorale_notes(1))
+    before = (tmp_path / "in.mid").read_bytes()
+    (tmp_path / "link.mid").symlink_to(tmp_path / "in.mid")
+    for out in ("in.mid", "./in.mid", "link.mid"):
+        assert main(["continue", str(tmp_path / "in.mid"), "-o", str(tmp_path / out), "--model", "markov"]) == 2
+        assert "is the input file" in capsys.readouterr().err
+    assert (tmp_path / "in.mid").read_bytes() == before
+
+
+def test_continue_bars_are_limited(tmp_path, capsys):
+    from coplayer.config import MAX_CONTINUE_BARS
+    from coplayer.gen.continue_file import continue_score
+
+    write_piece(tmp_path / "in.mid", chorale_notes(1))
+    args = ["continue", str(tmp_path / "in.mid"), "-o", str(tmp_path / "o.mid"), "--model", "markov", "--seed", "1"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--bars", str(MAX_CONTINUE_BARS + 1)])
+    assert info.value.code == 2
+    assert f"at most {MAX_CONTINUE_BARS} bars, got {MAX_CONTINUE_BARS + 1}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"1 to {MAX_CONTINUE_BARS} bars"):
+        continue_score(read_midi(tmp_path / "in.mid"), load_config(), bars=10_000, model="markov")
+    assert main([*args, "--bars", str(MAX_CONTINUE_BARS)]) == 0
+    assert f"in {MAX_CONTINUE_BARS} bars" in capsys.readouterr().out
+
+
 # -- coplayer eval continue ------------------------------------------------------------
 
 

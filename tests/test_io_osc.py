@@ -224,6 +224,67 @@ def test_a_taken_port_is_an_error_the_user_can_act_on(control):
             OscServer(control, port=first.address[1]).start()
 
 
+def test_listening_beyond_this_machine_without_an_allow_list_is_refused(control):
+    with pytest.raises(OscError) as info:
+        OscServer(control, host="0.0.0.0", port=0)
+    message = str(info.value)
+    assert "\n" not in message and "--set 'osc.allow=[" in message and "osc.host: 127.0.0.1" in message
+    OscServer(control, host="localhost", port=0)  # this machine only: no list needed
+    OscServer(control, host="0.0.0.0", port=0, allow=["192.168.1.0/24"])
+    with pytest.raises(OscError, match="osc.allow: 'nine' is not an IP address"):
+        OscServer(control, host="0.0.0.0", port=0, allow=["nine"])
+
+
+def test_only_this_machine_and_the_allowed_senders_are_heard(control, caplog):
+    server = OscServer(control, host="0.0.0.0", port=0, allow=["192.168.1.0/24", "10.0.0.7"])
+    for sender in ("127.0.0.1", "127.0.1.1", "::1", "192.168.1.20", "10.0.0.7", "::ffff:10.0.0.7"):
+        assert server.allows(sender), sender
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            for sender in ("10.0.0.8", "192.168.2.1", "2001:db8::1"):
+                assert not server.allows(sender)
+    assert server.refused == 150
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 3 and "10.0.0.8" in refused[0] and "osc.allow" in refused[0]
+
+
+def outside_address() -> str:
+    """This machine's address on its network (not loopback), or skip."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # a documentation address: nothing is sent
+            address = s.getsockname()[0]
+        except OSError:
+            address = "0.0.0.0"
+    if address.startswith(("0.", "127.")):
+        pytest.skip("this machine has no network address other than loopback")
+    return address
+
+
+def send_from(address: str, port: int, dgram: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((address, 0))
+        s.sendto(dgram, (address, port))
+
+
+def test_datagrams_from_a_sender_not_allowed_are_dropped(control, rec):
+    outside = outside_address()
+    other = "198.51.100.0/24" if not outside.startswith("198.51.100.") else "203.0.113.0/24"
+    with OscServer(control, host="0.0.0.0", port=0, allow=[other]) as server:
+        port = server.address[1]
+        send_from(outside, port, build_msg("/coplayer/panic", []).dgram)
+        SimpleUDPClient("127.0.0.1", port).send_message("/coplayer/temperature", 0.5)
+        assert rec.wait(1) == [("temperature", 0.5)]
+        deadline = time.monotonic() + 2
+        while server.refused < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.refused == 1 and control.handled == 1
+    with OscServer(control, host="0.0.0.0", port=0, allow=[outside]) as server:
+        send_from(outside, server.address[1], build_msg("/coplayer/panic", []).dgram)
+        assert rec.wait(2)[1:] == [("panic",)]
+        assert server.refused == 0
+
+
 def test_oscsend_reaches_the_server(control, rec):
     oscsend = need_tool("oscsend")
     with OscServer(control, port=0) as server:

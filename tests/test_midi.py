@@ -276,7 +276,7 @@ def _mtrk(body, size=None):
 END = b"\x00\xff\x2f\x00"  # end_of_track
 
 
-@pytest.mark.parametrize(
+MALFORMED = pytest.mark.parametrize(
     "data",
     [
         pytest.param(b"", id="empty"),
@@ -293,6 +293,9 @@ END = b"\x00\xff\x2f\x00"  # end_of_track
         pytest.param(_header(division=-0x1828) + _mtrk(END), id="smpte-division"),
     ],
 )
+
+
+@MALFORMED
 def test_malformed_file_raises_midi_file_error(tmp_path, data):
     path = _write(tmp_path, data)
     with pytest.raises(MidiFileError) as info:
@@ -300,6 +303,25 @@ def test_malformed_file_raises_midi_file_error(tmp_path, data):
     message = str(info.value)
     assert "bad.mid" in message and "\n" not in message
     assert isinstance(info.value, ValueError)
+
+
+@MALFORMED
+def test_run_input_says_why_a_file_cannot_be_read_as_arrange_does(tmp_path, data):
+    """``run --input`` (file_messages) and ``arrange``/``continue`` (read_midi) read through one path."""
+    from coplayer.engine.live import file_messages
+
+    path = _write(tmp_path, data)
+    with pytest.raises(MidiFileError) as by_run:
+        file_messages(path)
+    with pytest.raises(MidiFileError) as by_arrange:
+        read_midi(path)
+    assert str(by_run.value) == str(by_arrange.value)
+    assert not str(by_run.value).rstrip().endswith(":")
+
+
+def test_an_empty_file_is_named_empty(tmp_path):
+    with pytest.raises(MidiFileError, match=r"'.*bad\.mid': the file is empty \(not a MIDI file\)$"):
+        read_midi(_write(tmp_path, b""))
 
 
 def test_missing_file_raises_midi_file_error(tmp_path):

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,6 +128,28 @@ def test_run_for_a_duration_without_input(tmp_path):
     result = coplayer("run", "--quiet", "--duration", "0.5", *MEMORY, "--set", "session.record=false")
     assert result.returncode == 0, result.stderr
     assert "decision latency per note: 0 notes" in result.stdout
+
+
+def test_run_says_why_an_empty_input_cannot_be_read(tmp_path):
+    empty = tmp_path / "empty.mid"
+    empty.write_bytes(b"")
+    result = coplayer("run", "--input", str(empty), "--quiet", *MEMORY, "--set", "session.record=false")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"coplayer: error: cannot read MIDI file {str(empty)!r}: the file is empty (not a MIDI file)"
+
+
+def test_osc_open_to_the_network_without_an_allow_list_does_not_start():
+    ports = ["--set", f"osc.in_port={free_udp_port()}", "--set", f"osc.out_port={free_udp_port()}"]
+    base = ["run", "--quiet", "--duration", "0.3", "--set", "midi.backend=memory", "--set", "session.record=false",
+            "--set", "osc.host=0.0.0.0", *ports]
+    refused = coplayer(*base)
+    assert refused.returncode == 2 and refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("coplayer: error: OSC would listen on 0.0.0.0") and "osc.allow=[" in line
+    allowed = coplayer(*base, "--set", "osc.allow=[192.168.1.20, 10.0.0.0/24]")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "OSC in 0.0.0.0:" in allowed.stderr
 
 
 @pytest.mark.skipif(os.path.exists("/dev/snd/seq"), reason="this machine has an ALSA sequencer")
@@ -269,3 +292,36 @@ def test_run_whose_ports_are_lost_says_so_once_writes_the_session_once_and_exits
     text = out.getvalue() + caplog.text
     assert text.count("wrote the session") == 1 and text.count("coplayer's ports are gone") == 1
     assert len(list(tmp_path.glob("session-*.mid"))) == 1 and not list(tmp_path.glob(".session-*"))
+
+
+def test_the_session_is_written_past_the_budget_with_a_warning(tmp_path, caplog):
+    """A snapshot is refused past session.max_mb; the whole session never is."""
+    (tmp_path / "session-old.mid").write_bytes(b"\0" * 1_200_000)
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "session.max_mb=1",
+                                               f"session.directory={tmp_path}"])
+    out = io.StringIO()
+    assert run(cfg, quiet=True, model="zone", stream=out, duration=0.2) == 0
+    assert len(list(tmp_path.glob("session-*.mid"))) == 2 and "wrote the session to" in out.getvalue()
+    assert "holds 1 MB, session.max_mb is 1 (coplayer deletes no recording" in caplog.text
+
+
+def test_a_session_folder_removed_while_playing_is_made_again_at_the_end(tmp_path):
+    folder = tmp_path / "sessions"
+    piece = write_piece(tmp_path / "short.mid", [(60, 0.0, 0.2), (64, 0.3, 0.2)])
+    cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "mode=instrument",
+                                               f"session.directory={folder}"])
+    removed = []
+
+    def remove_once_made() -> None:
+        while not list(folder.glob(".session-*.journal")):
+            time.sleep(0.005)
+        shutil.rmtree(folder)
+        removed.append(True)
+
+    remover = threading.Thread(target=remove_once_made, daemon=True)
+    remover.start()
+    assert run(cfg, input_file=str(piece), quiet=True, model="zone", stream=io.StringIO(), duration=5.0) == 0
+    remover.join(timeout=5)
+    assert removed
+    (session,) = folder.iterdir()
+    assert sum(1 for m in mido.MidiFile(session).tracks[-1] if m.type == "note_on" and m.velocity) == 2

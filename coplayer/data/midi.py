@@ -59,15 +59,21 @@ def read_midi(
 
     Raises :class:`MidiFileError` when the file is missing or malformed.
     """
-    label = _label(path_or_file)
+    return midifile_to_score(open_midifile(path_or_file), name=name, label=_label(path_or_file))
+
+
+def open_midifile(path_or_file: str | os.PathLike[str] | BinaryIO) -> mido.MidiFile:
+    """The parsed :class:`mido.MidiFile`; :class:`MidiFileError` says why it cannot be read."""
     try:
         if hasattr(path_or_file, "read"):
             mid = mido.MidiFile(file=path_or_file)
         else:
             mid = mido.MidiFile(os.fspath(path_or_file))
     except _PARSE_ERRORS as error:
-        raise MidiFileError(f"cannot read MIDI file {label}: {_reason(error)}") from error
-    return midifile_to_score(mid, name=name, label=label)
+        reason = "the file is empty (not a MIDI file)" if _is_empty(path_or_file) else _reason(error)
+        raise MidiFileError(f"cannot read MIDI file {_label(path_or_file)}: {reason}") from error
+    _check_division(mid, _label(path_or_file))
+    return mid
 
 
 def read_midi_bytes(data: bytes, *, name: str | None = None) -> Score:
@@ -84,12 +90,7 @@ def midifile_to_score(
     track of a type 1 file), else to the file's stem, else ``""``.
     """
     label = label or _label(mid.filename or "<memory>")
-    tpb = mid.ticks_per_beat
-    if tpb <= 0:
-        raise MidiFileError(
-            f"cannot read MIDI file {label}: SMPTE or zero time division ({tpb}) "
-            "is not supported; re-save it with ticks per beat"
-        )
+    tpb = _check_division(mid, label)
     scans = [_scan_track(track) for track in mid.tracks]
     _warn_pairing(label, scans)
     parts = _part_names(scans)
@@ -239,6 +240,26 @@ def _label(path_or_file: object) -> str:
     return repr(getattr(path_or_file, "name", "<memory>"))
 
 
+def _check_division(mid: mido.MidiFile, label: str) -> int:
+    """The file's ticks per beat, or MidiFileError for a time division coplayer cannot time."""
+    tpb = mid.ticks_per_beat
+    if tpb <= 0:
+        raise MidiFileError(
+            f"cannot read MIDI file {label}: SMPTE or zero time division ({tpb}) "
+            "is not supported; re-save it with ticks per beat"
+        )
+    return tpb
+
+
+def _is_empty(path_or_file: object) -> bool:
+    if not isinstance(path_or_file, (str, os.PathLike)):
+        return False
+    try:
+        return os.path.getsize(path_or_file) == 0
+    except OSError:
+        return False
+
+
 def _reason(error: BaseException) -> str:
     """A short, one-line reason for a parse failure."""
     if isinstance(error, EOFError):
@@ -257,6 +278,18 @@ def _reason(error: BaseException) -> str:
 
 # --------------------------------------------------------------------------
 # Writing
+
+
+def check_not_input(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """MidiFileError if writing ``dst`` would overwrite the input ``src``: the same
+    file by another spelling of its path, a symbolic or a hard link."""
+    try:
+        same = os.path.samefile(src, dst)
+    except OSError:  # either is missing: dst cannot be src (a missing src is reported on reading)
+        same = False
+    if same:
+        raise MidiFileError(f"the output {os.fspath(dst)!r} is the input file {os.fspath(src)!r}; "
+                            "writing it would destroy the input: choose another -o")
 
 
 class _Row(NamedTuple):

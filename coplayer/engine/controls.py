@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from coplayer.config import value_range
+
 if TYPE_CHECKING:  # pragma: no cover
     from coplayer.config import Controls as ControlNumbers
     from coplayer.engine.engine import Engine
@@ -45,7 +47,6 @@ log = logging.getLogger(__name__)
 
 TEMPERATURE_RANGE = (0.1, 2.0)
 MODE_BY_THIRD = ("instrument", "respond", "both")
-MAX_RESPONSE_BARS = 16
 MAX_SOFT_KEY_NATS = 4.0  # CC 126; 127 is the hard lock
 
 
@@ -59,7 +60,8 @@ def cc_mode(value: int) -> str:
 
 
 def cc_response_bars(value: int) -> int:
-    return 1 + value * (MAX_RESPONSE_BARS - 1) // 127
+    low, high = value_range("continuation.response_bars")
+    return low + value * (high - low) // 127
 
 
 def cc_key_strength(value: int) -> float:

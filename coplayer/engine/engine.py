@@ -38,6 +38,7 @@ channel they used).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections import Counter, deque
@@ -46,15 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from coplayer.config import MODES
+from coplayer.config import MODES, value_range
 from coplayer.engine.controls import CcControls
 from coplayer.engine.router import (BEND, CONTROL, NOTE_OFF, NOTE_ON, POLY_PRESSURE, PRESSURE,
                                     ControllerMirror, FeedbackGuard, Router, Target, note_off_of)
 from coplayer.engine.session import SessionRecorder, SnapshotGate, prepare_folder, session_path
 from coplayer.engine.stats import LatencyStats
-from coplayer.io.clock import InternalClock, make_clock
 from coplayer.errors import SessionError
+from coplayer.io.clock import InternalClock, make_clock
 from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority
+from coplayer.logs import RateLimitedLog
 
 if TYPE_CHECKING:  # pragma: no cover
     from coplayer.config import Config
@@ -72,6 +74,7 @@ WARM_UP_SKIPPED = 4
 WORKER_RT_PRIORITY = 10  # SCHED_FIFO priority of the worker, below JACK's (usually 70+)
 RECENT = 4096  # latency samples behind the live statistics (view, OSC)
 FEEDBACK_WINDOW_NS = 30_000_000
+CLAMP_LOG_INTERVAL_S = 10.0  # a fader swept past its end warns once per control in this time
 
 
 class Responder(Protocol):
@@ -326,6 +329,7 @@ class Engine:
         self.mirror = ControllerMirror()
         self.guard = FeedbackGuard(FEEDBACK_WINDOW_NS) if cfg.midi.feedback_guard else None
         self.cc = CcControls(cfg.controls, self)
+        self._clamp_log = RateLimitedLog(log, CLAMP_LOG_INTERVAL_S)
         self.latency = LatencyStats(budget_ms=cfg.latency.budget_ms)
         self._free_clock = InternalClock(self.clock.bpm, now())
         self.recorder = SessionRecorder(self.beat_at, now)
@@ -811,7 +815,22 @@ class Engine:
         self._silence(self._audible)
         self._state(f"{what}/{part}", int(on))
 
+    def _within(self, key: str, value: float) -> float:
+        """``value`` clamped to the range the configuration allows for ``key``
+        (a live control must not reach where the file could not), with a
+        rate-limited warning; a value that is not a finite number is refused."""
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{key}: {value} is not a number")
+        low, high = value_range(key)
+        clamped = max(low, value if high is None else min(value, high))
+        if clamped != value:
+            self._clamp_log.warning(key, "%s %g is outside %g..%g, the range of its configuration key: using %g",
+                                    key, value, low, high, clamped)
+        return clamped
+
     def set_tempo(self, bpm: float) -> None:
+        bpm = self._within("tempo.bpm", bpm)
         self.clock.set_bpm(bpm)
         self._free_clock.set_bpm(bpm)
         self._state("tempo", round(self.clock.bpm, 2))
@@ -822,10 +841,10 @@ class Engine:
             self.responder.trigger()
 
     def set_temperature(self, value: float) -> None:
-        self._set_control("temperature", float(value))
+        self._set_control("temperature", self._within("continuation.temperature", value))
 
     def set_top_p(self, value: float) -> None:
-        self._set_control("top_p", float(value))
+        self._set_control("top_p", self._within("continuation.top_p", value))
 
     def set_key(self, text: str) -> None:
         """A key ("C major") locks the answer to it; "auto" locks it to the
@@ -843,13 +862,8 @@ class Engine:
     def set_key_strength(self, nats: float) -> None:
         """How firmly the answer keeps to the key (named, or detected from the
         playing): notes outside it lose ``nats`` of log-probability; 0 frees
-        them, :data:`~coplayer.gen.sampler.HARD_LOCK` or more forbids them."""
-        from coplayer.gen.sampler import HARD_LOCK
-
-        nats = float(nats)
-        if not nats >= 0:
-            raise ValueError(f"key strength {nats} is not 0 or more")
-        self._set_control("key_lock", min(nats, HARD_LOCK), state="key_strength")
+        them, :data:`~coplayer.gen.sampler.HARD_LOCK` (the top of the range) forbids them."""
+        self._set_control("key_lock", self._within("continuation.key_strength", nats), state="key_strength")
 
     def _set_control(self, name: str, value: object, state: str | None = None, **more: object) -> None:
         if self.controls is None:
@@ -858,9 +872,7 @@ class Engine:
         self._state(state or name, "auto" if name == "key" and value is None and more.get("key_lock") else value)
 
     def set_response_bars(self, bars: int) -> None:
-        bars = int(bars)
-        if not 1 <= bars <= 16:
-            raise ValueError(f"response length {bars} bars is not 1..16")
+        bars = round(self._within("continuation.response_bars", bars))
         self.response_bars = bars
         if self.responder is not None:
             self.responder.set_response_bars(bars)

@@ -290,7 +290,11 @@ def _recover_one(path: Path) -> list[Recovered]:
     except SessionError as exc:
         log.warning("%s; the journal %s is kept for the next start", exc, path)
         return []
-    path.unlink()
+    try:
+        path.unlink()
+    except OSError as exc:  # the next start would recover it again
+        log.warning("recovered %s, but cannot remove its journal %s (%s): remove it by hand", out, path,
+                    exc.strerror or exc)
     notes = recorder.score(parts, contents.bpm, end_beat=contents.end_beat).notes
     played = sum(1 for n in notes if n.part is None)
     return [Recovered(out, started, played, len(notes) - played)]

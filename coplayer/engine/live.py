@@ -21,7 +21,6 @@ import dataclasses
 import gc
 import logging
 import signal
-import struct
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from coplayer.engine.journal import Journal, recover
 from coplayer.engine.router import Target
 from coplayer.engine.session import prepare_folder, session_path
 from coplayer.engine.view import LiveView, responses_text, summary_line
-from coplayer.errors import CoplayerError, MidiFileError, SessionError
+from coplayer.errors import CoplayerError, SessionError
 from coplayer.io.memory import MemoryHub
 from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, now_ns
 
@@ -244,27 +243,22 @@ def build_live(cfg: "Config", maker=None, *, input_maker=None, clock: "Clock | N
 def _osc_server(cfg: "Config", engine: Engine) -> "OscServer":
     from coplayer.io.osc import OscControl, OscServer
 
-    return OscServer(OscControl(osc_handlers(engine)), cfg.osc.host, cfg.osc.in_port)
+    return OscServer(OscControl(osc_handlers(engine)), cfg.osc.host, cfg.osc.in_port, cfg.osc.allow)
 
 
 # --- replaying a file as if played live --------------------------------------------
 
-_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, struct.error)
-
 
 def file_messages(path: str | Path) -> list[tuple[float, Message]]:
-    """(seconds from the start, message) of every MIDI message of a file."""
-    import mido
+    """(seconds from the start, message) of every MIDI message of a file;
+    :class:`MidiFileError` says why a file cannot be read (as ``arrange`` does)."""
+    from coplayer.data.midi import open_midifile
 
-    try:
-        mid = mido.MidiFile(path)
-        timeline, t = [], 0.0
-        for msg in mid:
-            t += msg.time
-            if not msg.is_meta:
-                timeline.append((t, tuple(msg.bytes())))
-    except _READ_ERRORS as exc:
-        raise MidiFileError(f"cannot read MIDI file {path}: {exc}") from None
+    timeline, t = [], 0.0
+    for msg in open_midifile(path):
+        t += msg.time
+        if not msg.is_meta:
+            timeline.append((t, tuple(msg.bytes())))
     return timeline
 
 
@@ -379,15 +373,7 @@ def run(cfg: "Config", *, input_file: str | None = None, quiet: bool = False, ap
     cfg = _with_api(cfg, api)
     messages = file_messages(input_file) if input_file else None
     journal = open_session(cfg)
-    try:
-        live = build_live(cfg, model=model)
-    except BaseException:
-        if journal is not None:
-            journal.close(remove=True)
-        raise
-    if journal is not None:
-        engine = live.engine
-        journal.start(engine.recorder, lambda: engine.clock.bpm, cfg.session.journal_interval_s)
+    live = _build_journalled(cfg, model, journal)
     stop = threading.Event()
     previous = _on_sigterm(stop)
     feeder = view = None
@@ -422,6 +408,20 @@ def open_session(cfg: "Config") -> Journal | None:
     for found in recover(folder):
         log.warning("%s", found.message())
     return Journal.create(folder, {**session_tracks(cfg), "bpm": cfg.tempo.bpm})
+
+
+def _build_journalled(cfg: "Config", model: str | None, journal: Journal | None) -> Live:
+    """:func:`build_live`, its recorder followed by ``journal`` (removed if the ports do not open)."""
+    try:
+        live = build_live(cfg, model=model)
+    except BaseException:
+        if journal is not None:
+            journal.close(remove=True)
+        raise
+    if journal is not None:
+        engine = live.engine
+        journal.start(engine.recorder, lambda: engine.clock.bpm, cfg.session.journal_interval_s)
+    return live
 
 
 def _finish(live: Live, feeder: Feeder | None, view: LiveView | None) -> None:

@@ -86,17 +86,17 @@ def folder_problem(directory: str | Path) -> str | None:
     return None
 
 
-def prepare_folder(directory: str | Path) -> Path:
+def prepare_folder(directory: str | Path, key: str = "session.directory") -> Path:
     """Create ``directory`` if missing, after checking that it can hold files;
-    :class:`SessionError` (one line) otherwise."""
+    :class:`SessionError` (one line, naming the setting ``key``) otherwise."""
     path = Path(directory)
     problem = folder_problem(path)
     if problem:
-        raise SessionError(f"session.directory: {problem}")
+        raise SessionError(f"{key}: {problem}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SessionError(f"session.directory: cannot create {str(path)!r}: {exc.strerror or exc}") from None
+        raise SessionError(f"{key}: cannot create {str(path)!r}: {exc.strerror or exc}") from None
     return path
 
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from coplayer.data.midi import read_midi, write_midi
+from coplayer.config import MAX_CONTINUE_BARS
+from coplayer.data.midi import check_not_input, read_midi, write_midi
 from coplayer.data.notes import Note, Score
 from coplayer.errors import ConfigError, MidiFileError, ModelError
 from coplayer.gen.encoding import Encoding
@@ -180,9 +181,12 @@ def continue_score(score: Score, cfg: "Config", *, bars: int | None = None, temp
     """``score`` followed by a continuation (the input's notes are not modified)."""
     if not score.notes:
         raise MidiFileError("the input has no notes to continue")
+    bars = bars or cfg.continuation.response_bars
+    if not 1 <= bars <= MAX_CONTINUE_BARS:
+        raise ConfigError(f"--bars {bars}: a continuation is 1 to {MAX_CONTINUE_BARS} bars long; "
+                          "continue the output again for more")
     event_model, name = choose_event_model(cfg, model)
     enc = event_model.encoding
-    bars = bars or cfg.continuation.response_bars
     heard = context_notes(score, enc, cfg)
     notes = heard.notes
     if parts:
@@ -246,6 +250,7 @@ def place(response: list[Note], start_beat: float, heard: Heard, cfg: "Config") 
 
 def continue_file(src: str | os.PathLike, dst: str | os.PathLike, cfg: "Config", **options) -> Continuation:
     """Read ``src``, continue it (see :func:`continue_score`), write ``dst``."""
+    check_not_input(src, dst)
     score = read_midi(src)
     t0 = time.perf_counter()
     result = continue_score(score, cfg, **options)

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from coplayer.data.midi import read_midi, write_midi
+from coplayer.data.midi import check_not_input, read_midi, write_midi
 from coplayer.data.notes import Note, Score
 from coplayer.errors import ModelError
 from coplayer.instrument.features import note_events
@@ -124,6 +124,7 @@ def choose_instrumenter(cfg: "Config", model: str | None = None) -> tuple[Instru
 def arrange_file(src: str | os.PathLike, dst: str | os.PathLike, cfg: "Config", *,
                  model: str | None = None, plot: str | os.PathLike | None = None) -> Arrangement:
     """Read ``src``, arrange it for the configured parts, write ``dst`` (and a PNG)."""
+    check_not_input(src, dst)
     score = read_midi(src)
     instrumenter, name = choose_instrumenter(cfg, model)
     drums = cfg.midi.drum_channel

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 import numpy as np
 
 from coplayer.data.notes import Score
-from coplayer.errors import ModelError
+from coplayer.errors import ModelError, one_line
 from coplayer.instrument.features import Featurizer, FeatureSpec
 from coplayer.instrument.instrumenter import Instrumenter, Penalties, PartRule, Scorer
 
@@ -166,7 +166,7 @@ class ZoneScorer:
                     counts[k, int(pitch)] = float(c)
             return cls(parts, counts, data["mean"], data["sd"], source=data.get("source", ""))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise ModelError(f"zone baseline {label} is invalid ({exc}); refit it with "
+            raise ModelError(f"zone baseline {label} is invalid ({one_line(exc)}); refit it with "
                              "python -m coplayer.instrument.baselines") from exc
 
     @classmethod
@@ -174,9 +174,9 @@ class ZoneScorer:
         """The shipped zones (``coplayer/assets/zone-baseline.json``) or a saved file."""
         path = Path(path) if path is not None else zone_asset_path()
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"cannot read the zone baseline {path}: {exc}") from exc
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+            raise ModelError(f"cannot read the zone baseline {path}: {one_line(exc)}") from exc
         return cls.from_dict(data, str(path))
 
     # -- the Scorer protocol ---------------------------------------------
@@ -242,8 +242,13 @@ def zone_asset_path() -> Path:
 
 
 def baseline_zone(cfg: "Config") -> ZoneScorer:
-    """The shipped zones when they cover the configured parts, else zones from ranges."""
-    zone = ZoneScorer.load()
+    """The shipped zones when they cover the configured parts, else (or when the
+    shipped file is damaged, with a warning) zones from the configured ranges."""
+    try:
+        zone = ZoneScorer.load()
+    except ModelError as exc:
+        log.warning("%s; zones follow the configured ranges", exc)
+        return ZoneScorer.from_ranges(cfg.parts)
     names = cfg.part_names
     if set(zone.parts) == set(names):
         if zone.parts != names:  # the same parts in the configured order

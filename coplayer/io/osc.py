@@ -40,6 +40,11 @@ out (coplayer sends)                  args    meaning
                                               cannot tell)
 ====================================  ======  =====================================
 
+Who may control: this machine always; other machines only when listed in
+``allow`` (addresses or networks), and :class:`OscServer` refuses to listen
+beyond this machine without that list.  Datagrams from anyone else are
+dropped and counted, each sender logged once.
+
 Lenient where controllers differ: an ``f`` takes an int, an ``i`` takes a
 float with a whole value or a boolean (Pd sends every number as a float);
 an address without arguments also takes one number and ignores it when it
@@ -49,12 +54,12 @@ Bundle time tags are not waited for: every message is handled on arrival.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import re
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -64,8 +69,9 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_server import BlockingOSCUDPServer
 
 from coplayer.errors import CoplayerError
+from coplayer.logs import RateLimitedLog
 
-__all__ = ["IN_SIGNATURES", "OscControl", "OscError", "OscOut", "OscServer"]
+__all__ = ["IN_SIGNATURES", "OscControl", "OscError", "OscOut", "OscServer", "parse_allow"]
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +90,8 @@ IN_SIGNATURES: dict[str, str] = {
 }
 """The documented input addresses and their argument types."""
 
-_MAX_KEYS = 64  # distinct (reason, address) pairs logged; further addresses share one key
-
-
 class OscError(CoplayerError, OSError):
     """OSC cannot start: the address is taken, or a host does not resolve."""
-
-
-class _RateLimitedLog:
-    """Log a warning at most once per key every ``interval_s``."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._last: dict[tuple[str, str], float] = {}
-        self._suppressed: Counter = Counter()
-
-    def warn(self, reason: str, address: str, detail: str, exc_info: bool = False) -> None:
-        key = (reason, address if len(self._last) < _MAX_KEYS or (reason, address) in self._last else "*")
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval_s:
-            self._suppressed[key] += 1
-            return
-        self._last[key] = now
-        more = self._suppressed.pop(key, 0)
-        note = f" ({more} more since the last report)" if more else ""
-        log.warning("OSC %s, ignored: %r: %s%s", reason, key[1][:80], detail, note, exc_info=exc_info)
 
 
 def _template(address: str) -> re.Pattern:
@@ -147,6 +129,7 @@ def _types(args: Sequence[Any]) -> str:
     return ", ".join(type(a).__name__ for a in args) or "none"
 
 
+_MAX_REFUSED_LOGGED = 64  # distinct refused senders named in the log; all are counted
 _TYPETAGS = frozenset("ihfdsbrmtTFN[]")  # the type tags python-osc parses
 
 
@@ -196,11 +179,13 @@ class OscControl:
                 self._exact[address] = (fn, signature)
         self.ignored: Counter = Counter()  # reason -> messages ignored
         self.handled = 0
-        self._log = _RateLimitedLog(log_interval_s)
+        self._log = RateLimitedLog(log, log_interval_s)
 
     def _ignore(self, reason: str, address: str, detail: str, exc_info: bool = False) -> None:
         self.ignored[reason] += 1
-        self._log.warn(reason, address, detail, exc_info)
+        key = self._log.key((reason, address))
+        shown = "*" if key == "*" else address[:80]  # "*": one of many addresses, reported together
+        self._log.warning(key, "OSC %s, ignored: %r: %s", reason, shown, detail, exc_info=exc_info)
 
     def _route(self, address: str) -> tuple[Callable, str | None, list[str]] | None:
         if address in self._exact:
@@ -259,9 +244,47 @@ class OscControl:
         return []
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_allow(entries: Sequence[str]) -> list[Network]:
+    """``["192.168.1.20", "10.0.0.0/24", ...]`` as networks (an address is a network of one);
+    ValueError names the entry that is neither."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network like 192.168.1.20 "
+                             "or 192.168.1.0/24") from None
+    return networks
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d is a.b.c.d
+    return mapped or address
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) means this machine only."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    addresses = [_ip(info[4][0]) for info in infos]
+    return bool(addresses) and all(a is not None and a.is_loopback for a in addresses)
+
+
 class _Server(BlockingOSCUDPServer):
+    owner: "OscServer"
+
     def verify_request(self, request, client_address) -> bool:
-        return True  # let malformed datagrams through to be counted and logged
+        # Malformed datagrams from allowed senders go on to be counted and logged.
+        return self.owner.allows(client_address[0])
 
     def handle_error(self, request, client_address) -> None:
         log.exception("OSC datagram from %s could not be handled", client_address)
@@ -269,13 +292,44 @@ class _Server(BlockingOSCUDPServer):
 
 class OscServer:
     """Listens for OSC on UDP (``host``, ``port``; port 0 picks a free one)
-    and feeds every datagram to ``control`` from one background thread."""
+    and feeds every datagram to ``control`` from one background thread.
 
-    def __init__(self, control: OscControl, host: str = "127.0.0.1", port: int = 9000) -> None:
+    Only this machine (loopback) and the senders in ``allow`` (addresses or
+    networks) are heard; other datagrams are dropped and counted in
+    ``refused``, each sender logged once.  A ``host`` that other machines
+    can reach needs ``allow``: without it, anyone on the network could mute,
+    panic or record, so the server refuses to be built (:class:`OscError`).
+    """
+
+    def __init__(self, control: OscControl, host: str = "127.0.0.1", port: int = 9000,
+                 allow: Sequence[str] = ()) -> None:
         self.control = control
         self.host, self.port = host, port
+        try:
+            self.allow = parse_allow(allow)
+        except ValueError as exc:
+            raise OscError(f"osc.allow: {exc}") from None
+        if not self.allow and not _is_loopback(host):
+            raise OscError(
+                f"OSC would listen on {host}, open to every machine on the network: name those that may "
+                "control coplayer in osc.allow (e.g. --set 'osc.allow=[192.168.1.20, 10.0.0.0/24]'), "
+                "or listen on this machine only (osc.host: 127.0.0.1)")
+        self.refused = 0
+        self._refused_from: set[str] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    def allows(self, sender: str) -> bool:
+        """Whether a datagram from ``sender`` (an IP address) is heard; counts and logs the others."""
+        address = _ip(sender)
+        if address is not None and (address.is_loopback or any(address in net for net in self.allow)):
+            return True
+        self.refused += 1
+        if sender not in self._refused_from and len(self._refused_from) < _MAX_REFUSED_LOGGED:
+            self._refused_from.add(sender)
+            log.warning("OSC from %s refused: not in osc.allow (further datagrams from it are dropped "
+                        "without a message)", sender)
+        return False
 
     def start(self) -> OscServer:
         try:
@@ -285,6 +339,7 @@ class OscServer:
                 f"cannot listen for OSC on {self.host}:{self.port}: {exc.strerror or exc}; "
                 "choose a free port (osc.in_port) or stop the program using it"
             ) from None
+        self._server.owner = self
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="coplayer-osc", daemon=True
@@ -323,7 +378,7 @@ class OscOut:
         self.target = target
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
-        self._log = _RateLimitedLog(log_interval_s)
+        self._log = RateLimitedLog(log, log_interval_s)
         self.errors = 0
 
     def send(self, address: str, *args: Any) -> bool:
@@ -335,7 +390,7 @@ class OscOut:
             self._sock.sendto(builder.build().dgram, self.target)
         except OSError as exc:
             self.errors += 1
-            self._log.warn("send failed", address, str(exc))
+            self._log.warning(address, "OSC send failed: %r: %s", address[:80], exc)
             return False
         return True
 
