@@ -256,11 +256,12 @@ def test_jack_server_killed_ends_run_with_one_line_and_the_session_on_disk(start
         f"files: {sorted(p.name for p in sessions.glob('*'))}")
 
 
-def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started):
+def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started, tmp_path):
     """Keys released (and the pedal lifted) while coplayer's outputs have no
-    connection: the synth must not keep them once they are reconnected."""
+    connection: the synth must not keep them once they are reconnected; what
+    was played meanwhile is in the session."""
     coplayer, new_peer = started
-    cp = coplayer()
+    cp = coplayer(settings=recording(tmp_path))
     peer = new_peer()
     connect(cp, peer)
     time.sleep(0.2)
@@ -278,7 +279,8 @@ def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started):
     for p in held:
         peer.send((NOTE_OFF, p, 0))
     peer.send((CC, SUSTAIN, 0))
-    time.sleep(0.3)
+    unheard = play(peer, single_notes(4, 10.0, random.Random(5)))
+    time.sleep(0.2)
     for what in OUTPUTS:
         jack_connect(cp.ports[what], merged)
     assert quiet(peer, 1.0), f"after reconnecting: {left_over(peer)}"
@@ -288,6 +290,10 @@ def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started):
     expected = Counter(msg[1] for _, msg in sent if is_on(msg))
     assert wait_for(lambda: played_ons(peer, since) == expected, 3.0), played_ons(peer, since)
     assert quiet(peer), left_over(peer)
+    assert cp.stop() == 0, cp.output
+    played = Counter(held) + Counter(msg[1] for _, msg in unheard + sent if is_on(msg))
+    assert [not played - pitches for pitches in input_pitches(tmp_path).values()] == [True], (
+        f"the session lacks {[played - pitches for pitches in input_pitches(tmp_path).values()]}")
 
 
 def flood_messages(rng: random.Random, n: int) -> list[tuple[int, ...]]:
