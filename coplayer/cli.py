@@ -255,7 +255,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default="out/demo", help="where to write session.mid and roll.png")
     p.add_argument("--model", metavar="NAME", help="zone, closest, a shipped model name or an .onnx path")
     p.add_argument("--speed", type=_positive, default=1.0, metavar="X",
-                   help="replay X times faster, timings scaled (default 1: real time, ~25 s)")
+                   help="replay X times faster, timings scaled (default 1: real time, about 40 s)")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
