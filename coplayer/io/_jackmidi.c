@@ -292,7 +292,8 @@ int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, i
  * filled the ring while the reader fell behind, and every message dropped
  * then was as likely a note-off as anything, a note left sounding.  A note-on
  * dropped costs a note; its note-off, still passed, is harmless.  Enough for
- * about 3,000 note-offs. */
+ * about 3,000 note-offs; past that they wait, counted per port, channel and
+ * key (cp_port.offs), for the reader to take after the ring: never lost. */
 #define IN_RESERVE (IN_RING / 4)
 
 /* A port's life: LIVE; CLOSING (its output buffer is still cleared each
@@ -317,6 +318,10 @@ typedef struct {
     int is_input;
     volatile int state;
     cp_owed owed;            /* outputs only; touched by the process callback alone */
+    /* inputs only: what ends a sound and found the ring full, for the reader
+     * (the callback adds, the reader takes, both atomically) */
+    uint16_t offs[16][128];  /* note-offs */
+    uint8_t controls[16];    /* OWE_* bits: sustain-off, All Sound Off, All Notes Off */
 } cp_port;
 
 /* The input ring holds records: header, then `length` bytes. */
@@ -333,6 +338,7 @@ typedef struct {
     sem_t ready;
     volatile uint64_t cycles;
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
+    volatile int offs_waiting;    /* an input's offs or controls hold something */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
     /* Cycles of JACK's frame time this client's callback never saw (a gap
@@ -441,6 +447,49 @@ static int ends_sound(const unsigned char *m, size_t len) {
            || (kind == 0xB0 && (m[1] == 120 || m[1] == 123 || (m[1] == 64 && m[2] < 64)));
 }
 
+/* Keep a message that ends a sound for the reader when the ring is full:
+ * 1, or 0 if it is not one (System Reset is not kept). */
+static int keep_ending(cp_client *c, cp_port *p, const unsigned char *m, size_t len) {
+    if (len != 3 || m[0] == 0xFF || !ends_sound(m, len)) return 0;
+    int ch = m[0] & 0x0F;
+    if ((m[0] & 0xF0) == 0xB0)
+        __sync_fetch_and_or(&p->controls[ch], m[1] == 64 ? OWE_SUSTAIN_OFF : m[1] == 120 ? OWE_SOUND_OFF : OWE_NOTES_OFF);
+    else if (p->offs[ch][m[1] & 0x7F] < UINT16_MAX)
+        __sync_fetch_and_add(&p->offs[ch][m[1] & 0x7F], 1);
+    __sync_synchronize();
+    c->offs_waiting = 1;
+    return 1;
+}
+
+/* One message kept by keep_ending(), into buf: its length (3), or 0 if none. */
+static int take_ending(cp_client *c, unsigned char *buf, int *port) {
+    static const unsigned char cc[3] = {64, 120, 123};
+    c->offs_waiting = 0;
+    __sync_synchronize();
+    for (int i = 0; i < MAX_PORTS; i++) {
+        cp_port *p = &c->ports[i];
+        if (!p->is_input || p->state != LIVE) continue;
+        for (int ch = 0; ch < 16; ch++) {
+            for (int b = 0; b < 3; b++) {
+                if (!(__sync_fetch_and_and(&p->controls[ch], ~(1 << b)) & (1 << b))) continue;
+                buf[0] = (unsigned char)(0xB0 | ch), buf[1] = cc[b], buf[2] = 0;
+                *port = i;
+                c->offs_waiting = 1;
+                return 3;
+            }
+            for (int key = 0; key < 128; key++) {
+                if (!p->offs[ch][key]) continue;
+                __sync_fetch_and_sub(&p->offs[ch][key], 1);
+                buf[0] = (unsigned char)(0x80 | ch), buf[1] = (unsigned char)key, buf[2] = 0;
+                *port = i;
+                c->offs_waiting = 1;
+                return 3;
+            }
+        }
+    }
+    return 0;
+}
+
 static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
@@ -479,6 +528,10 @@ static int process(jack_nframes_t nframes, void *arg) {
                 if (J.midi_event_get(&ev, buf, k) != 0 || ev.size == 0 || ev.size > MAX_MESSAGE) continue;
                 in_header h = {t, (uint16_t)ev.size, (uint8_t)i};
                 size_t space = J.rb_write_space(c->in_ring);
+                if (space < sizeof h + ev.size && keep_ending(c, p, ev.buffer, ev.size)) {
+                    got = 1;
+                    continue;
+                }
                 if (space < sizeof h + ev.size
                     || (space < IN_RESERVE + sizeof h + ev.size && !ends_sound(ev.buffer, ev.size))) {
                     c->lost_in++;
@@ -595,6 +648,8 @@ int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int err
     p->resent = 0;
     p->ring = NULL;
     memset(&p->owed, 0, sizeof p->owed);
+    memset(p->offs, 0, sizeof p->offs);
+    memset(p->controls, 0, sizeof p->controls);
     p->net = NULL;
     if (!is_input) {
         p->ring = J.rb_create(OUT_RING);
@@ -683,7 +738,7 @@ void cp_set_idle(cp_client *c, double idle_s, double fresh_s) {
  * Posts that piled up while the reader was busy are taken at once: one
  * wake per wait. */
 int cp_wait(cp_client *c, double timeout_s) {
-    if (J.rb_read_space(c->in_ring) > 0) return 1;
+    if (J.rb_read_space(c->in_ring) > 0 || c->offs_waiting) return 1;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     long long ns = ts.tv_nsec + (long long)(timeout_s * 1e9);
@@ -694,13 +749,13 @@ int cp_wait(cp_client *c, double timeout_s) {
     }
     while (sem_trywait(&c->ready) == 0) {
     }
-    if (J.rb_read_space(c->in_ring) > 0) return 1;
+    if (J.rb_read_space(c->in_ring) > 0 || c->offs_waiting) return 1;
     if (c->shutdown) return -1;
     return woke && c->idle_ns > 0 && mono_ns() - c->tick_ns < c->fresh_ns ? 2 : 0;
 }
 
 /* Bytes of input messages waiting for the reader. */
-int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring); }
+int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring) + (c->offs_waiting ? 3 : 0); }
 
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */
 void cp_wake(cp_client *c) { sem_post(&c->ready); }
@@ -708,7 +763,10 @@ void cp_wake(cp_client *c) { sem_post(&c->ready); }
 /* Take one input message: its length (0 if none), its port and time. */
 int cp_read(cp_client *c, unsigned char *buf, int buflen, int *port, int64_t *t_ns) {
     in_header h;
-    if (J.rb_read_space(c->in_ring) < sizeof h) return 0;
+    if (J.rb_read_space(c->in_ring) < sizeof h) {
+        *t_ns = mono_ns(); /* a note-off kept aside: now, after all that the ring held */
+        return c->offs_waiting && buflen >= 3 ? take_ending(c, buf, port) : 0;
+    }
     J.rb_read(c->in_ring, (char *)&h, sizeof h);
     if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
         J.rb_read_advance(c->in_ring, h.length);
