@@ -29,8 +29,8 @@ import mido
 import pytest
 
 from coplayer.bench import (
-    CC, MERGED, NOTE_OFF, NOTE_ON, OUTPUTS, CoplayerProcess, Peer, StatsListener, chord, is_on, jack_connect, match,
-    offs_reported, single_notes, sounding_after, wait_ports,
+    CC, MERGED, NOTE_OFF, NOTE_ON, OUTPUTS, BenchError, CoplayerProcess, Peer, StatsListener, chord, is_on,
+    jack_connect, match, offs_reported, single_notes, sounding_after, wait_ports,
 )
 from coplayer.io.ports import now_ns
 from test_e2e_jack import wait_for
@@ -68,15 +68,28 @@ def started():
         p.close()
 
 
+def patch(source: str, destination: str, tries: int = 3) -> None:
+    """``jack_connect``, tried again after a moment if its client could not
+    open: jackd2 refuses new clients for a while when it failed to notify one
+    that has just died (a killed coplayer), "Cannot notify add client"."""
+    for attempt in range(tries):
+        try:
+            return jack_connect(source, destination)
+        except BenchError as exc:
+            if "Cannot open" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.5)
+
+
 def connect(cp: CoplayerProcess, peer: Peer) -> None:
     """Peer's output to coplayer's input, every coplayer output to the peer's
     merged input (opened on first use), as a patchbay does."""
     if MERGED not in peer.inputs:
         peer.listen(MERGED)
     merged = wait_ports([f"{peer.name} {MERGED}"])[f"{peer.name} {MERGED}"]
-    jack_connect(peer.out_port(), cp.ports["in"])
+    patch(peer.out_port(), cp.ports["in"])
     for what in OUTPUTS:
-        jack_connect(cp.ports[what], merged)
+        patch(cp.ports[what], merged)
 
 
 def disconnect(source: str, destination: str) -> None:
@@ -282,7 +295,7 @@ def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started, tm
     unheard = play(peer, single_notes(4, 10.0, random.Random(5)))
     time.sleep(0.2)
     for what in OUTPUTS:
-        jack_connect(cp.ports[what], merged)
+        patch(cp.ports[what], merged)
     assert quiet(peer, 1.0), f"after reconnecting: {left_over(peer)}"
     # and it plays on: every note after the reconnection arrives and ends
     since = now_ns()
@@ -354,7 +367,7 @@ def test_input_flood_crashes_nothing_leaves_nothing_sounding_and_keeps_real_note
     connect(cp, peer)
     flood = open_output(f"{peer.name} flood", virtual=True, api="jack", client_name=f"{peer.name}flood")
     try:
-        jack_connect(wait_ports([f"{peer.name} flood"])[f"{peer.name} flood"], cp.ports["in"])
+        patch(wait_ports([f"{peer.name} flood"])[f"{peer.name} flood"], cp.ports["in"])
         time.sleep(0.2)
         since = now_ns()
         pourer = threading.Thread(target=pour, args=(flood, flood_messages(random.Random(7), 60_000)), daemon=True)
