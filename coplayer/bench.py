@@ -128,7 +128,9 @@ class StatsListener:
         self.messages: list[tuple[str, tuple]] = []
         self.stats: tuple | None = None
         self.stats_count = 0
-        self.ports: tuple | None = None  # the latest /coplayer/ports: xruns, skipped cycles, overflowed (-1: unknown)
+        # the latest /coplayer/ports: xruns, skipped cycles, overflowed, note-offs resent,
+        # note-ons dropped late (-1: unknown)
+        self.ports: tuple | None = None
         self.ports_count = 0
         self._lock = threading.Lock()
         dispatcher = Dispatcher()
@@ -156,7 +158,19 @@ class StatsListener:
 
     def skipped(self) -> int | None:
         """Cycles JACK skipped coplayer's input client, per the latest ports message."""
-        return self.ports[1] if self.ports and self.ports[1] >= 0 else None
+        return self._port_count(1)
+
+    def resent(self) -> int | None:
+        """Note-offs coplayer's outputs wrote again after an xrun, per the latest ports message."""
+        return self._port_count(3)
+
+    def dropped_late(self) -> int | None:
+        """Note-ons (and SysEx) coplayer dropped as too late, per the latest ports message."""
+        return self._port_count(4)
+
+    def _port_count(self, i: int) -> int | None:
+        ports = self.ports
+        return ports[i] if ports and len(ports) > i and ports[i] >= 0 else None
 
     def close(self) -> None:
         self._server.shutdown()
@@ -568,6 +582,9 @@ class Result:
     # clients) while the realistic notes played: MIDI sent in one is lost in JACK.
     skipped: tuple = (None, None)
     floor_stuck: int = 0  # notes the bare loop left sounding
+    # note-offs coplayer's outputs wrote again after xruns (the safety net) while
+    # the realistic notes played (None: cannot tell)
+    resent: int | None = None
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -575,7 +592,8 @@ class Result:
                 "floor_p50_ms": round(f["p50"], 3), "floor_p99_ms": round(f["p99"], 3), "notes": self.notes,
                 "lost": self.lost, "stuck": self.stuck, "max_notes_per_s": self.max_notes_per_s,
                 "jitter_ms": round(e["p99"] - e["p50"], 3), "floor_jitter_ms": round(f["p99"] - f["p50"], 3),
-                "backend": self.backend, "xruns": self.xruns,
+                "backend": self.backend, "xruns": self.xruns, "resent": self.resent, "floor_lost": self.floor_lost,
+                "floor_stuck": self.floor_stuck,
                 "max_lossless_notes_per_s": self.max_lossless_notes_per_s}
 
     def report(self) -> list[str]:
@@ -599,7 +617,9 @@ class Result:
         if self.xruns is not None:
             lines.append(f"JACK xruns while the notes played: {self.xruns} "
                          "(a client late in a cycle; JACK may drop MIDI in one)"
-                         + _skipped_text(*self.skipped))
+                         + _skipped_text(*self.skipped)
+                         + ("" if self.resent is None else
+                            f"; coplayer's outputs wrote {self.resent} note-offs again after them (safety net)"))
         if self.decision:
             lines.append(f"coplayer's own decision time (arrival stamp to send, {self.decision[3]} notes): "
                          f"p50 {self.decision[0]:.3f} ms, p99 {self.decision[1]:.3f} ms, max {self.decision[2]:.3f} ms")
@@ -616,6 +636,7 @@ class Result:
                          + (f" (the bare loop: lost {s['floor_lost']}, stuck {s['floor_stuck']})"
                             if s.get("floor_lost") or s.get("floor_stuck") else "")
                          + (f", {s['xruns']} JACK xruns" if s.get("xruns") is not None else "")
+                         + (f", {s['resent']} note-offs sent again" if s.get("resent") is not None else "")
                          + _skipped_text(s.get("cp_skipped"), s.get("bench_skipped"))
                          + f" -> {'ok' if s['ok'] else 'FAIL'}")
         lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s; "
@@ -639,12 +660,17 @@ def _skipped(before: tuple, after: tuple) -> tuple:
     return tuple(None if a is None or b is None else b - a for a, b in zip(before, after))
 
 
+def _since(before: int | None, after: int | None) -> int | None:
+    return None if before is None or after is None else after - before
+
+
 def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> dict:
     before = stats.fresh_stats()
-    skipped = stats.skipped(), peer.skipped()
+    skipped, resent = (stats.skipped(), peer.skipped()), stats.resent()
     sent, arrived, xruns = _section(peer, rate_steps(rate, STEP_S, rng))
     after = stats.fresh_stats()
     cp_skipped, bench_skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
+    resent = _since(resent, stats.resent())
     ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
     stuck = stuck_on(arrived, MERGED)
@@ -654,6 +680,7 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
             "misses": misses, "xruns": xruns, "floor_lost": floor_lost, "floor_stuck": floor_stuck,
             "cp_skipped": cp_skipped, "bench_skipped": bench_skipped, "lost_alone": lost_alone(sent, arrived),
+            "resent": resent,
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 
@@ -684,7 +711,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
         osc_from = len(stats.messages)
         stats.fresh_stats()
-        skipped = stats.skipped(), peer.skipped()
+        skipped, resent = (stats.skipped(), peer.skipped()), stats.resent()
         starts: list[float] = []
         schedule = realistic(notes, rng, starts)
         sent, arrived, xruns = _section(peer, schedule)
@@ -694,6 +721,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
                             for labels in ((MERGED,), ("floor",)))
         decision = stats.fresh_stats()
         skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
+        resent = _since(resent, stats.resent())
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
@@ -715,7 +743,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
                       list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
                       {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns, lossless, skipped,
-                      floor_stuck)
+                      floor_stuck, resent)
     finally:
         if peer is not None:
             peer.close()

@@ -129,6 +129,7 @@ class Midi:
     drum_channel: int | None = _opt(10, range=(1, 16))
     passthrough_other: bool = True
     feedback_guard: bool = True
+    clean_start: bool = True
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,14 @@ def test_the_bench_reads_coplayers_port_counts_with_its_stats():
             out.ports(*ports)
 
     try:
-        for ports, skipped in (((4, 17, 0), 17), ((4, None, 0), None)):  # None: -1 on the wire
+        for ports, skipped in (((4, 17, 0, 5, 0), 17), ((4, None, 0, None, 0), None)):  # None: -1 on the wire
             sender = threading.Thread(target=send, args=ports)
             sender.start()
             stats = listener.fresh_stats(timeout_s=5.0)
             sender.join()
             assert stats is not None and stats[3] == 10
             assert listener.skipped() == skipped
+            assert listener.resent() == (5 if skipped else None)
     finally:
         listener.close()
 

@@ -307,13 +307,13 @@ def test_osc_out_sends_the_documented_type_tags():
             assert out.note("alto", 64, 0)
             assert out.state("mode", "respond")
             assert out.stats(0.12, 0.5, 1, 100, 2)
-            assert out.ports(3, None, 0, 7)
+            assert out.ports(3, None, 0, 7, 2)
         received = [OscMessage(sink.recv(1024)) for _ in range(4)]
     assert [(m.address, type_tags(m.dgram), m.params) for m in received] == [
         ("/coplayer/note", "sii", ["alto", 64, 0]),
         ("/coplayer/state", "ss", ["mode", "respond"]),
         ("/coplayer/stats", "fffii", [pytest.approx(0.12), 0.5, 1.0, 100, 2]),
-        ("/coplayer/ports", "iiii", [3, -1, 0, 7]),  # -1: the backend cannot tell
+        ("/coplayer/ports", "iiiii", [3, -1, 0, 7, 2]),  # -1: the backend cannot tell
     ]
 
 

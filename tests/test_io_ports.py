@@ -577,9 +577,11 @@ def test_a_jack_port_counts_the_xruns_jack_reports(jack_server):
     assert MemoryOutput("m").xruns() is None  # a backend that cannot tell says so
 
 
-def test_messages_dropped_while_the_jack_reader_is_stuck_are_reported_at_close(jack_server, caplog):
+def _stuck_reader(tag: str):
+    """A JACK output connected to an input whose handler sticks on the first
+    message until ``release`` is set: (out, inp, seen, release)."""
     Input, Output = _backend("jack")
-    a, b = _client_name("da"), _client_name("db")
+    a, b = _client_name(f"{tag}a"), _client_name(f"{tag}b")
     release, seen = threading.Event(), []
 
     def stuck(data, t):
@@ -589,6 +591,11 @@ def test_messages_dropped_while_the_jack_reader_is_stuck_are_reported_at_close(j
     out = Output("notes", virtual=True, client_name=a)
     inp = Input("listen", virtual=True, client_name=b, on_message=stuck)
     subprocess.run(["jack_connect", f"{a}:notes", f"{b}:listen"], check=True, timeout=10)
+    return out, inp, seen, release
+
+
+def test_messages_dropped_while_the_jack_reader_is_stuck_are_reported_at_close(jack_server, caplog):
+    out, inp, seen, release = _stuck_reader("d")
     try:
         out.send((0x90, 60, 1))
         _wait_for(seen, 1)
@@ -758,3 +765,31 @@ def test_note_offs_lost_in_a_frozen_listener_are_sent_again_but_a_key_struck_sin
     assert (NOTE_OFF, 60, 0) in before, heard  # lost in the freeze, sent again
     assert not [m for m in before if m[1] == 62], heard  # held: never ended by the net
     assert (NOTE_OFF, 62, 0) in heard[heard.index(MARK):]  # (later xruns may repeat this one: harmless)
+
+
+def test_a_jack_reader_sheds_stale_note_ons_and_junk_but_never_what_ends_a_note(jack_server):
+    """set_stale: while the reader is stuck, note-ons and SysEx wait past the
+    stale time and are dropped in C, counted; note-offs and controllers
+    (sustain off, All Notes Off) are delivered however late."""
+    out, inp, seen, release = _stuck_reader("s")
+    try:
+        assert inp.set_stale(5_000_000) and 0 < inp.period_ns() < 100_000_000
+        time.sleep(0.05)
+        out.send((0xA0, 1, 1))  # the reader takes it and is stuck
+        _wait_for(seen, 1)
+        late = [(NOTE_ON, 60, 90), (0xF0, 1, 2, 0xF7), (NOTE_OFF, 61, 0), (NOTE_ON, 62, 0), (CC, 64, 0),
+                (CC, 123, 0), (NOTE_ON, 63, 90)]
+        for msg in late:
+            out._send(msg)  # not send(): nothing is sounding here to track
+        time.sleep(0.1)  # all of them wait 20 times the stale time
+        release.set()
+        _wait_for(seen, 5)
+        time.sleep(0.05)
+        shed, got = inp.shed(), list(seen)
+    finally:
+        release.set()
+        out.close()
+        inp.close()
+    # each once, in order (the sender's safety net may repeat a note-off after an xrun)
+    assert list(dict.fromkeys(got[1:])) == [(NOTE_OFF, 61, 0), (NOTE_ON, 62, 0), (CC, 64, 0), (CC, 123, 0)]
+    assert shed == 3

@@ -178,4 +178,5 @@ class OscFeed:
             log.exception("cannot compute the statistics for OSC")
             return
         self.out.stats(s["p50_ms"], s["p99_ms"], s["max_ms"], s["count"], s["misses"])
-        self.out.ports(s.get("xruns"), s.get("skipped_cycles"), s.get("dropped_in"), s.get("resent"))
+        self.out.ports(s.get("xruns"), s.get("skipped_cycles"), s.get("dropped_in"), s.get("resent"),
+                       s.get("dropped_late"))

@@ -11,7 +11,11 @@ worker's items (one lock), sparing a thread hop per note:
   the latency budget's reach the fallback), the note goes to the part's
   port and channel (mode ``respond``: through, untouched), and the
   :class:`~coplayer.engine.router.Router` remembers where it went.  The
-  time from the callback to the send is the note's *decision latency*;
+  time from the callback to the send is the note's *decision latency*.
+  Under overload, a note-on (or SysEx) that waited longer than the budget
+  plus one input period (JACK's cycle) is dropped and counted instead of
+  played late; the input's reader sheds such messages before Python sees
+  them where it can (:meth:`BaseInput.set_stale`);
 * **note-off**: to the port and channel of its note-on, always, never
   subject to the budget;
 * **controllers** (sustain, other CCs, pitch bend, channel pressure): to
@@ -55,7 +59,7 @@ from coplayer.engine.session import SessionRecorder, SnapshotGate, prepare_folde
 from coplayer.engine.stats import LatencyStats
 from coplayer.errors import SessionError
 from coplayer.io.clock import InternalClock, make_clock
-from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority
+from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, is_valid, now_ns, raise_priority, sheddable
 from coplayer.logs import RateLimitedLog
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,6 +79,10 @@ WORKER_RT_PRIORITY = 10  # SCHED_FIFO priority of the worker, below JACK's (usua
 RECENT = 4096  # latency samples behind the live statistics (view, OSC)
 FEEDBACK_WINDOW_NS = 30_000_000
 CLAMP_LOG_INTERVAL_S = 10.0  # a fader swept past its end warns once per control in this time
+# How late an input may stamp a message after it came, where it cannot say
+# (BaseInput.period_ns: JACK's cycle): rtmidi stamps on arrival, so this is
+# slack for the hand-over between threads.
+STAMP_SLACK_NS = 1_000_000
 
 
 class Responder(Protocol):
@@ -355,6 +363,9 @@ class Engine:
         self._tick_s = 0.0  # the period of the input's idle ticks, when they keep the model warm
         self._ticks_off = False  # the input's idle ticks were switched off for a long rest
         self._closed = False
+        # A note-on (or SysEx) that waited longer than this is dropped, not played
+        # late (see _handle); set at start from the input's period.
+        self._stale_ns = self.decider.budget_ns + STAMP_SLACK_NS
         self.counts: Counter = Counter()  # feedback, errors, panics, port errors, ...
         self.notes_out: Counter = Counter()  # notes sent per part
         self._last_pitch: dict[str, int] = {}
@@ -375,7 +386,12 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is not None:
             return self
+        if self.cfg.midi.clean_start:
+            self._clean_start()
         self._program_changes()
+        if self.input is not None:
+            self._stale_ns = self.decider.budget_ns + (self.input.period_ns() or STAMP_SLACK_NS)
+            self.input.set_stale(self._stale_ns)
         warm_s = self.cfg.latency.keep_warm_ms / 1e3
         if self.input is not None and self.input.own_thread and warm_s and self.input.set_idle(self._warm_here, warm_s):
             self._tick_s, warm_s = warm_s, 0.0  # the input's idle ticks keep the model warm, never as a note comes
@@ -447,6 +463,18 @@ class Engine:
         done = threading.Event()
         self._queue.put(_Call(done.set, ()))
         return done.wait(timeout)
+
+    def _clean_start(self) -> None:
+        """Silence every channel of every output before the first note: a
+        coplayer that crashed (or was killed) may have left notes sounding
+        at the synth on these very ports.  Not remembered by the feedback
+        guard: the player's own pedal-up just after start is no echo (an
+        echo of these, through a mis-wired loop, is forwarded once and only
+        silences)."""
+        for port in self.outputs.ports():
+            for channel in range(16):
+                for number in (SUSTAIN, ALL_NOTES_OFF, ALL_SOUND_OFF):
+                    self._send(port, (CONTROL | channel, number, 0), guarded=False)
 
     def _program_changes(self) -> None:
         seen = set()
@@ -530,6 +558,12 @@ class Engine:
                       type(exc).__name__, exc, what, n, exc_info=n == 1)
 
     def _handle(self, data: Message, t_ns: int) -> None:
+        if self._now() - t_ns > self._stale_ns and sheddable(data):
+            # Overload: it waited past the budget (plus the input's stamp
+            # slack).  Late is worse than never; its note-off finds nothing
+            # held and sends nothing.
+            self.counts["dropped late"] += 1
+            return
         self._last_in_ns = t_ns
         if self.guard is not None and self.guard.is_echo(data, t_ns, self._holds):
             return self._feedback()
@@ -643,12 +677,13 @@ class Engine:
     # --- sending -------------------------------------------------------------------
 
     def _send(self, port: BaseOutput, data: Message, source: tuple[int, int] | None = None,
-              source_ns: int = 0) -> bool:
+              source_ns: int = 0, guarded: bool = True) -> bool:
         """Send on ``port``; a failing port is logged once and skipped after.
-        ``source``: the input (channel, pitch) ``data`` copies, arrived at ``source_ns``."""
+        ``source``: the input (channel, pitch) ``data`` copies, arrived at ``source_ns``;
+        ``guarded``: the feedback guard remembers it (to know its echo)."""
         if id(port) in self._failed:
             return False
-        if self.guard is not None:
+        if self.guard is not None and guarded:
             self.guard.sent(data, self._now(), source, source_ns)
         try:
             port.send(data)
@@ -921,7 +956,8 @@ class Engine:
         routed), over_budget (notes slower than the budget), notes per part,
         feedback drops, errors, the responder's statistics, the input's
         xruns, skipped cycles and dropped messages, the note-offs the outputs
-        sent again.  ``recent``: the
+        sent again, the note-ons (and SysEx) dropped because they waited
+        longer than the budget allows (``dropped_late``).  ``recent``: the
         percentiles of the last few thousand notes only (cheap, for live use)."""
         if recent:
             window = LatencyStats(self.cfg.latency.budget_ms, self.latency.samples_ns[-RECENT:])
@@ -942,6 +978,8 @@ class Engine:
         # Note-offs the outputs wrote again after an xrun (the JACK safety net; None elsewhere).
         resent = [n for n in (p.resent() for p in self.outputs.ports()) if n is not None]
         s["resent"] = sum(resent) if resent else None
+        shed = port.shed() if port is not None else None
+        s["dropped_late"] = s.get("dropped_late", 0) + (shed or 0)
         return s
 
     def sounding(self) -> bool:

@@ -287,14 +287,12 @@ int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, i
 #define MAX_MESSAGE 4096     /* longest message (SysEx) a port carries */
 #define OUT_RING (1 << 16)   /* bytes of messages waiting per output */
 #define IN_RING (1 << 18)    /* bytes of messages waiting for the reader */
-/* The last part of the input ring takes only messages that end a sound: a
- * flood (20,000 messages/s of SysEx, junk and notes, in tests_e2e/test_faults.py)
- * filled the ring while the reader fell behind, and every message dropped
- * then was as likely a note-off as anything, a note left sounding.  A note-on
- * dropped costs a note; its note-off, still passed, is harmless.  Enough for
- * about 3,000 note-offs; past that they wait, counted per port, channel and
- * key (cp_port.offs), for the reader to take after the ring: never lost. */
-#define IN_RESERVE (IN_RING / 4)
+#define IN_RESERVE (IN_RING / 4) /* room only note-offs and controllers may take */
+/* Past it, a flood (20,000 messages/s of SysEx, junk and notes, in
+ * tests_e2e/test_faults.py) that fills the ring while the reader is held up
+ * would still drop note-offs: notes left sounding.  What ends a sound then
+ * waits aside, counted per port, channel and key (cp_port.offs), for the
+ * reader to take after the ring: never lost. */
 
 /* A port's life: LIVE; CLOSING (its output buffer is still cleared each
  * cycle, so JACK re-sends nothing, but nothing new is written or read);
@@ -339,6 +337,10 @@ typedef struct {
     volatile uint64_t cycles;
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
     volatile int offs_waiting;    /* an input's offs or controls hold something */
+    volatile uint64_t shed;       /* input messages the reader dropped as stale (cp_set_stale) */
+    volatile int64_t stale_ns;    /* note-ons and junk older than this are shed (0: never) */
+    volatile int64_t period_ns;   /* the length of JACK's cycle */
+    jack_nframes_t rate;          /* JACK's sample rate */
     volatile uint64_t late_out;   /* output messages left for a later cycle: MIDI buffer full */
     volatile uint64_t xruns;      /* xruns JACK reported (MIDI in the graph may be lost in one) */
     /* Cycles of JACK's frame time this client's callback never saw (a gap
@@ -357,6 +359,19 @@ typedef struct {
     volatile int64_t tick_ns;     /* start of the cycle of the last idle tick */
     int64_t fresh_ns;             /* how long after its cycle's start a tick is still worth taking */
 } cp_client;
+
+/* A message that may be dropped under load: a note-on (late is worse than
+ * never), SysEx, or bytes that are no MIDI channel message.  Note-offs,
+ * controllers (sustain off, All Notes Off, coplayer's own controls), bends
+ * and clock always go through. */
+static int sheddable(const unsigned char *m, size_t len) {
+    int status = m[0];
+    if (status < 0x80 || status == 0xF0 || status == 0xFE) return 1;
+    if (status >= 0xF0) return 0;
+    size_t want = (status & 0xE0) == 0xC0 ? 2 : 3; /* program change and channel pressure: 2 bytes */
+    if (len != want) return 1;
+    return (status & 0xF0) == 0x90 && m[2] != 0;
+}
 
 static int64_t mono_ns(void) {
     struct timespec ts;
@@ -450,7 +465,7 @@ static int ends_sound(const unsigned char *m, size_t len) {
 /* Keep a message that ends a sound for the reader when the ring is full:
  * 1, or 0 if it is not one (System Reset is not kept). */
 static int keep_ending(cp_client *c, cp_port *p, const unsigned char *m, size_t len) {
-    if (len != 3 || m[0] == 0xFF || !ends_sound(m, len)) return 0;
+    if (len != 3 || !ends_sound(m, len)) return 0;
     int ch = m[0] & 0x0F;
     if ((m[0] & 0xF0) == 0xB0)
         __sync_fetch_and_or(&p->controls[ch], m[1] == 64 ? OWE_SUSTAIN_OFF : m[1] == 120 ? OWE_SOUND_OFF : OWE_NOTES_OFF);
@@ -494,6 +509,7 @@ static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
     int got = 0;
+    c->period_ns = (int64_t)nframes * 1000000000 / c->rate;
     int gap_seen = 0;
     jack_nframes_t frame = c->last_frame + nframes; /* a guess where JACK cannot tell */
     if (J.last_frame_time) {
@@ -532,8 +548,8 @@ static int process(jack_nframes_t nframes, void *arg) {
                     got = 1;
                     continue;
                 }
-                if (space < sizeof h + ev.size
-                    || (space < IN_RESERVE + sizeof h + ev.size && !ends_sound(ev.buffer, ev.size))) {
+                /* the last quarter of the ring is kept for what ends notes */
+                if (space < sizeof h + ev.size || (space < IN_RESERVE && sheddable(ev.buffer, ev.size))) {
                     c->lost_in++;
                     continue;
                 }
@@ -612,7 +628,9 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
     c->in_ring = J.rb_create(IN_RING);
     J.rb_mlock(c->in_ring);
     sem_init(&c->ready, 0, 0);
-    c->net_window = (jack_nframes_t)(NET_WINDOW_S * (J.get_sample_rate ? J.get_sample_rate(c->client) : 48000));
+    c->rate = J.get_sample_rate ? J.get_sample_rate(c->client) : 0;
+    if (!c->rate) c->rate = 48000; /* a guess where JACK cannot tell */
+    c->net_window = (jack_nframes_t)(NET_WINDOW_S * c->rate);
     J.set_process_callback(c->client, process, c);
     J.on_shutdown(c->client, on_shutdown, c);
     if (J.set_xrun_callback) J.set_xrun_callback(c->client, on_xrun, c);
@@ -760,23 +778,36 @@ int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring) + (c->off
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */
 void cp_wake(cp_client *c) { sem_post(&c->ready); }
 
-/* Take one input message: its length (0 if none), its port and time. */
+/* Take one input message: its length (0 if none), its port and time.
+ * Messages sheddable() that waited longer than the stale time are dropped
+ * here and counted (cp_shed), before Python spends any time on them. */
 int cp_read(cp_client *c, unsigned char *buf, int buflen, int *port, int64_t *t_ns) {
     in_header h;
-    if (J.rb_read_space(c->in_ring) < sizeof h) {
-        *t_ns = mono_ns(); /* a note-off kept aside: now, after all that the ring held */
-        return c->offs_waiting && buflen >= 3 ? take_ending(c, buf, port) : 0;
+    int64_t stale = c->stale_ns, now = stale > 0 ? mono_ns() : 0;
+    while (J.rb_read_space(c->in_ring) >= sizeof h) {
+        J.rb_read(c->in_ring, (char *)&h, sizeof h);
+        if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
+            J.rb_read_advance(c->in_ring, h.length);
+            continue;
+        }
+        J.rb_read(c->in_ring, (char *)buf, h.length);
+        if (stale > 0 && now - h.t_ns > stale && sheddable(buf, h.length)) {
+            c->shed++;
+            continue;
+        }
+        *port = h.port;
+        *t_ns = h.t_ns;
+        return h.length;
     }
-    J.rb_read(c->in_ring, (char *)&h, sizeof h);
-    if (h.length > buflen) { /* cannot happen: buflen is MAX_MESSAGE */
-        J.rb_read_advance(c->in_ring, h.length);
-        return 0;
-    }
-    J.rb_read(c->in_ring, (char *)buf, h.length);
-    *port = h.port;
-    *t_ns = h.t_ns;
-    return h.length;
+    *t_ns = mono_ns(); /* a message kept aside (keep_ending): now, after all that the ring held */
+    return c->offs_waiting && buflen >= 3 ? take_ending(c, buf, port) : 0;
 }
+
+/* Shed note-ons and junk that waited longer than stale_s (0: never). */
+void cp_set_stale(cp_client *c, double stale_s) { c->stale_ns = (int64_t)(stale_s * 1e9); }
+uint64_t cp_shed(cp_client *c) { return c->shed; }
+/* The length of JACK's cycle in ns (0 before the first cycle). */
+int64_t cp_period_ns(cp_client *c) { return c->period_ns; }
 
 /* Connect two ports by full name: 0, or JACK's error (EEXIST: already). */
 int cp_connect(cp_client *c, const char *source, const char *destination) {

@@ -104,6 +104,9 @@ def _load() -> ctypes.CDLL:
         "cp_late_out": (ctypes.c_uint64, [c]),
         "cp_skipped": (i64, [c]),
         "cp_resent": (ctypes.c_uint64, [c, i]),
+        "cp_set_stale": (None, [c, ctypes.c_double]),
+        "cp_shed": (ctypes.c_uint64, [c]),
+        "cp_period_ns": (i64, [c]),
         "cp_net_create": (c, []),
         "cp_net_destroy": (None, [c]),
         "cp_net_written": (None, [c, p, i, ctypes.c_uint32]),
@@ -390,6 +393,26 @@ class JackInput(_JackPort, BaseInput):
         """Messages of any input of this client wait for the reader."""
         client = self._client_obj
         return client is not None and client.lib.cp_waiting(client.handle) > 0
+
+    def period_ns(self) -> int | None:
+        """JACK's cycle: every message is stamped with the start of the cycle
+        that brought it, up to one cycle after it came."""
+        client = self._client_obj
+        n = int(client.lib.cp_period_ns(client.handle)) if client is not None else 0
+        return n or None
+
+    def set_stale(self, ns: int) -> bool:
+        """The reader drops note-ons and junk that waited longer than ``ns``
+        in C, before any Python runs for them (for every input of the client)."""
+        client = self._client_obj
+        if client is None or self.closed:
+            return False
+        client.lib.cp_set_stale(client.handle, ns / 1e9)
+        return True
+
+    def shed(self) -> int | None:
+        client = self._client_obj
+        return int(client.lib.cp_shed(client.handle)) if client is not None else None
 
     def set_idle(self, fn: Callable[[], None] | None, every_s: float) -> bool:
         """JACK's process callback posts the reader after ``every_s`` with no

@@ -33,11 +33,12 @@ out (coplayer sends)                  args    meaning
 /coplayer/note                        s i i   part, pitch, velocity (0 = note-off)
 /coplayer/state                       s s     key, value of a changed setting
 /coplayer/stats                       fffii   p50 ms, p99 ms, max ms, count, misses
-/coplayer/ports                       iiii    the MIDI input's xruns, cycles the server
-                                              skipped it, messages it dropped, and
+/coplayer/ports                       iiiii   the MIDI input's xruns, cycles the server
+                                              skipped it, messages it dropped, the
                                               note-offs the outputs sent again after
-                                              an xrun (since start; -1: the backend
-                                              cannot tell)
+                                              an xrun, the note-ons dropped because
+                                              they waited past the budget (since
+                                              start; -1: the backend cannot tell)
 ====================================  ======  =====================================
 
 Who may control: this machine always; other machines only when listed in
@@ -403,8 +404,10 @@ class OscOut:
     def stats(self, p50_ms: float, p99_ms: float, max_ms: float, count: int, misses: int) -> bool:
         return self.send("/coplayer/stats", float(p50_ms), float(p99_ms), float(max_ms), int(count), int(misses))
 
-    def ports(self, xruns: int | None, skipped: int | None, dropped: int | None, resent: int | None) -> bool:
-        return self.send("/coplayer/ports", *(-1 if n is None else int(n) for n in (xruns, skipped, dropped, resent)))
+    def ports(self, xruns: int | None, skipped: int | None, dropped: int | None, resent: int | None,
+              late: int | None) -> bool:
+        return self.send("/coplayer/ports",
+                         *(-1 if n is None else int(n) for n in (xruns, skipped, dropped, resent, late)))
 
     def close(self) -> None:
         self._sock.close()

@@ -40,6 +40,7 @@ __all__ = [
     "as_message",
     "find_port",
     "is_valid",
+    "sheddable",
     "not_found",
     "now_ns",
     "raise_priority",
@@ -149,6 +150,14 @@ def is_valid(data: Sequence[int]) -> bool:
     return len(data) == want and all(0 <= b < 0x80 for b in data[1:])
 
 
+def sheddable(data: Message) -> bool:
+    """A message dropped rather than handled late: a note-on (late is worse
+    than never) or SysEx.  Note-offs, controllers (sustain off, All Notes
+    Off, coplayer's controls), bends and clock are handled however late."""
+    status = data[0]
+    return status == 0xF0 or (status & 0xF0 == 0x90 and data[2] > 0)
+
+
 def as_message(msg: object) -> Message:
     """``msg`` (bytes, a sequence of ints or a ``mido.Message``) as a tuple."""
     if hasattr(msg, "bytes"):  # mido.Message, without importing mido
@@ -240,6 +249,23 @@ class BaseInput(BasePort):
         returns (``None``: stop).  False where the backend cannot (this
         default): the owner then finds its own moments."""
         return False
+
+    def period_ns(self) -> int | None:
+        """How late a message may be stamped after it reached the port (JACK:
+        one cycle, as messages are stamped with the start of the cycle that
+        brought them), or None where the backend cannot tell."""
+        return None
+
+    def set_stale(self, ns: int) -> bool:
+        """Have the backend drop :func:`sheddable` messages (note-ons, junk)
+        that waited longer than ``ns`` before their delivery, cheaply, before
+        Python handles them (counted in :meth:`shed`).  False where it cannot
+        (this default): the owner then drops them itself."""
+        return False
+
+    def shed(self) -> int | None:
+        """Messages the backend dropped as stale (:meth:`set_stale`), or None."""
+        return None
 
     def __init__(self, name: str, *, on_message: Callable[[Message, int], None] | None = None, **kwargs) -> None:
         self.on_message = on_message
