@@ -404,10 +404,12 @@ def test_input_flood_crashes_nothing_leaves_nothing_sounding_and_keeps_real_note
     arrived = [ms[i] for i, (_, m) in enumerate(sent) if is_on(m) and i in ms]
     print(f"flood: {len(arrived)} of {sum(is_on(m) for _, m in sent)} real notes arrived, "
           f"latency max {max(arrived, default=0):.2f} ms (noisy: a shared machine)")
-    # coplayer sheds a note-on older than its budget plus a period; the two
-    # JACK hops around it take up to a period each, and the test's sender one
-    budget_ms = 3.0
-    late = [round(x, 2) for x in arrived if x > budget_ms + 4 * PERIOD_MS]
+    # coplayer drops a note-on older than its budget plus a period; the two
+    # JACK hops around it take up to a period each, and its Python threads
+    # (routing, sending) and the test's own sender some more on a loaded
+    # machine: measured 6.5-8.2 ms at most, against 0.1-2.4 s without the bound
+    budget_ms, slack_ms = 3.0, 2.0
+    late = [round(x, 2) for x in arrived if x > budget_ms + 3 * PERIOD_MS + slack_ms]
     assert not late, f"real notes played late under the flood: {late}"
     assert cp.stop() == 0, cp.output
     assert "Traceback" not in cp.output, cp.output
