@@ -585,6 +585,7 @@ class Result:
     # note-offs coplayer's outputs wrote again after xruns (the safety net) while
     # the realistic notes played (None: cannot tell)
     resent: int | None = None
+    dropped_late: int | None = None  # note-ons coplayer dropped as too late meanwhile (counted in ``lost``)
 
     def figures(self) -> dict:
         e, f = summary(self.e2e_ms), summary(self.floor_ms)
@@ -593,6 +594,7 @@ class Result:
                 "lost": self.lost, "stuck": self.stuck, "max_notes_per_s": self.max_notes_per_s,
                 "jitter_ms": round(e["p99"] - e["p50"], 3), "floor_jitter_ms": round(f["p99"] - f["p50"], 3),
                 "backend": self.backend, "xruns": self.xruns, "resent": self.resent, "floor_lost": self.floor_lost,
+                "dropped_late": self.dropped_late,
                 "floor_stuck": self.floor_stuck,
                 "max_lossless_notes_per_s": self.max_lossless_notes_per_s}
 
@@ -620,6 +622,9 @@ class Result:
                          + _skipped_text(*self.skipped)
                          + ("" if self.resent is None else
                             f"; coplayer's outputs wrote {self.resent} note-offs again after them (safety net)"))
+        if self.dropped_late:
+            lines.append(f"of the notes lost, coplayer dropped {self.dropped_late} as too late "
+                         "(they reached it past the latency budget plus one JACK period)")
         if self.decision:
             lines.append(f"coplayer's own decision time (arrival stamp to send, {self.decision[3]} notes): "
                          f"p50 {self.decision[0]:.3f} ms, p99 {self.decision[1]:.3f} ms, max {self.decision[2]:.3f} ms")
@@ -637,6 +642,7 @@ class Result:
                             if s.get("floor_lost") or s.get("floor_stuck") else "")
                          + (f", {s['xruns']} JACK xruns" if s.get("xruns") is not None else "")
                          + (f", {s['resent']} note-offs sent again" if s.get("resent") is not None else "")
+                         + (f", {s['dropped_late']} dropped as too late" if s.get("dropped_late") else "")
                          + _skipped_text(s.get("cp_skipped"), s.get("bench_skipped"))
                          + f" -> {'ok' if s['ok'] else 'FAIL'}")
         lines.append(f"highest sustained rate with no loss and no fallback: {self.max_notes_per_s} notes/s; "
@@ -666,11 +672,11 @@ def _since(before: int | None, after: int | None) -> int | None:
 
 def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> dict:
     before = stats.fresh_stats()
-    skipped, resent = (stats.skipped(), peer.skipped()), stats.resent()
+    skipped, resent, late = (stats.skipped(), peer.skipped()), stats.resent(), stats.dropped_late()
     sent, arrived, xruns = _section(peer, rate_steps(rate, STEP_S, rng))
     after = stats.fresh_stats()
     cp_skipped, bench_skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
-    resent = _since(resent, stats.resent())
+    resent, late = _since(resent, stats.resent()), _since(late, stats.dropped_late())
     ms, lost, jack_lost = latencies(sent, arrived, (MERGED,))
     misses = (after[4] - before[4]) if before and after else -1
     stuck = stuck_on(arrived, MERGED)
@@ -680,7 +686,7 @@ def _step(peer: Peer, stats: StatsListener, rate: int, rng: random.Random) -> di
     return {"rate": rate, "notes": sum(is_on(m) for _, m in sent), "lost": lost, "jack_lost": jack_lost, "stuck": stuck,
             "misses": misses, "xruns": xruns, "floor_lost": floor_lost, "floor_stuck": floor_stuck,
             "cp_skipped": cp_skipped, "bench_skipped": bench_skipped, "lost_alone": lost_alone(sent, arrived),
-            "resent": resent,
+            "resent": resent, "dropped_late": late,
             "p99_ms": summary(ms)["p99"], "ok": lost == 0 and stuck == 0 and misses == 0}
 
 
@@ -711,7 +717,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         say(f"playing {notes} notes (single notes, chords, runs at 20/s, bursts)")
         osc_from = len(stats.messages)
         stats.fresh_stats()
-        skipped, resent = (stats.skipped(), peer.skipped()), stats.resent()
+        skipped, resent, late = (stats.skipped(), peer.skipped()), stats.resent(), stats.dropped_late()
         starts: list[float] = []
         schedule = realistic(notes, rng, starts)
         sent, arrived, xruns = _section(peer, schedule)
@@ -721,7 +727,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
                             for labels in ((MERGED,), ("floor",)))
         decision = stats.fresh_stats()
         skipped = _skipped(skipped, (stats.skipped(), peer.skipped()))
-        resent = _since(resent, stats.resent())
+        resent, late = _since(resent, stats.resent()), _since(late, stats.dropped_late())
         hop = match(sent, arrived, ("hop",))
         sounding = sounding_after([e for e in arrived if e[0] == MERGED])
         stuck = sum(sounding.values())
@@ -743,7 +749,7 @@ def bench(notes: int = 2000, rates=RATES, seed: int = 0, progress=None, backend:
         return Result(e2e, list(floor.values()), sum(is_on(m) for _, m in sent), lost, stuck, best, steps, jack_lost,
                       list(hop.values()), sum(1 for i in hop if i not in floor), reported, backend,
                       {name: (e2e_by[name], floor_by[name]) for name in SECTIONS}, decision, xruns, lossless, skipped,
-                      floor_stuck, resent)
+                      floor_stuck, resent, late)
     finally:
         if peer is not None:
             peer.close()

@@ -566,7 +566,7 @@ def test_a_burst_loses_no_note_off():
         assert s["count"] == ons and s["count"] + s["dropped_late"] == 1000
 
 
-def test_a_note_on_that_waited_past_the_budget_is_dropped_counted_and_its_note_off_sends_nothing():
+def test_a_note_on_that_waited_past_the_budget_is_dropped_counted_and_its_note_off_sends_nothing(tmp_path):
     with Rig() as rig:
         stale = now_ns() - 2 * rig.engine._stale_ns
         rig.send((ON, 76, 100), (0xF0, 1, 2, 0xF7), t=stale)
@@ -576,6 +576,16 @@ def test_a_note_on_that_waited_past_the_budget_is_dropped_counted_and_its_note_o
         rig.send((ON, 76, 100), (0xF0, 1, 2, 0xF7))  # on time: played
         assert rig.notes("coplayer soprano") == [(0x90, 76, 100)]
         assert rig.engine.stats()["count"] == 1
+    played = mido.MidiFile(rig.engine.write_session(tmp_path / "s.mid")).tracks[-1]
+    assert sum(1 for m in played if m.type == "note_on" and m.velocity) == 2  # the player's, dropped or not
+
+
+def test_a_note_on_whose_decision_ends_past_the_bound_is_not_played_nor_its_note_off():
+    with Rig(scorer=RuleScorer(delay_s=0.02)) as rig:  # a model step of 20 ms, no fallback
+        rig.send((ON, 76, 100), (OFF, 76, 0))
+        assert rig.notes("coplayer soprano") == [] and rig.all_silent()
+        s = rig.engine.stats()
+        assert s["dropped_late"] == 1 and s["count"] == 0
 
 
 def test_a_note_off_of_a_sounding_note_passes_however_late():

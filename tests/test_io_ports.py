@@ -686,11 +686,11 @@ def test_the_net_lifts_the_pedal_again_unless_it_went_down_since(net):
     assert net.due(164) == [(CC, 64, 0)]
 
 
-def test_all_notes_off_ends_the_held_notes_of_its_channel_for_the_net(net):
-    net.written(100, (NOTE_ON, 60, 90), (NOTE_ON, 60, 90), (NOTE_OFF, 60, 0), (CC, 123, 0))
-    assert net.due(164) == [(NOTE_OFF, 60, 0)]
-    net.written(228, (NOTE_ON, 60, 90))
-    assert net.due(292) == []  # held again
+def test_all_notes_off_ends_the_held_notes_of_its_channel_and_comes_again_unless_one_is_struck_since(net):
+    net.written(100, (NOTE_ON, 60, 90), (NOTE_ON, 60, 90), (NOTE_OFF, 60, 0), (CC, 123, 0), (CC | 1, 120, 0))
+    assert net.due(164) == [(NOTE_OFF, 60, 0), (CC, 123, 0), (CC | 1, 120, 0)]
+    net.written(228, (NOTE_ON, 60, 90), (NOTE_ON | 1, 40, 90), (NOTE_OFF | 1, 40, 0))
+    assert net.due(292) == [(CC | 1, 120, 0), (NOTE_OFF | 1, 40, 0)]  # channel 0 holds 60 again
 
 
 MARK = (CC, 20, 1)  # sent before the last note-offs of a test, to tell what came before them

@@ -166,13 +166,16 @@ def test_demo_writes_session_and_roll_and_prints_the_statistics(tmp_path):
     assert (tmp_path / "session.mid").stat().st_size > 0
     assert (tmp_path / "roll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     played = sum(1 for m in mido.MidiFile(demo_piece()) if m.type == "note_on" and m.velocity)
-    assert f"decision latency per note: {played} notes: p50" in result.stdout
+    # a note that waited past the budget (a busy machine) is dropped, not played late
+    routed_now = int(re.search(r"decision latency per note: (\d+) notes: p50", result.stdout)[1])
+    late = re.search(r"; (\d+) dropped as too late", result.stdout)
+    assert routed_now + (int(late[1]) if late else 0) == played, result.stdout
     assert "misses" in result.stdout
     mid = mido.MidiFile(tmp_path / "session.mid")
     assert [t.name for t in mid.tracks][1:] == ["soprano", "alto", "tenor", "bass", "input"]
     assert sum(1 for m in mid.tracks[-1] if m.type == "note_on" and m.velocity) == played
     routed = sum(1 for t in mid.tracks[1:5] for m in t if m.type == "note_on" and m.velocity)
-    assert routed >= played  # every note played, plus the answers
+    assert routed >= routed_now  # every note routed, plus the answers
 
 
 def test_demo_rejects_a_speed_beyond_the_clock():

@@ -20,7 +20,7 @@ import pytest
 
 from coplayer.bench import (
     CC, NOTE_OFF, NOTE_ON, OUTPUTS, PARTS, CoplayerProcess, Peer, chords, is_on, jack_connect, jack_ports,
-    run_notes, single_notes, sounding_after,
+    run_notes, single_notes, sounding_after, wait_ports,
 )
 from coplayer.io.ports import now_ns
 
@@ -150,6 +150,46 @@ def test_sigterm_leaves_no_note_sounding(coplayer_factory):
     offs = {(label, msg[0] & 0x0F) for label, msg, _ in events
             if msg[0] & 0xF0 == CC and msg[1] == ALL_NOTES_OFF}
     assert {(label, ch) for label, ch, _ in note_ons(events)} <= offs
+
+
+def test_a_run_after_a_killed_one_first_silences_every_channel_of_every_port():
+    """SIGKILL mid-chord leaves the chord sounding (no process is left to end
+    it); a new run on the same ports silences every channel of every output
+    before anything else, and the chord stops."""
+    name = f"cpk{random.randrange(10**6)}"
+    first = CoplayerProcess(name=name).start()
+    peer = Peer()
+    second = None
+    try:
+        peer.attach(first)
+        listening = wait_ports([f"{peer.name} {what}" for what in OUTPUTS])
+        time.sleep(0.2)
+        for p in (45, 55, 64, 72):  # a chord, held
+            peer.send((NOTE_ON, p, 100))
+            time.sleep(0.004)
+        assert wait_for(lambda: len(note_ons(part_events(peer))) >= 4)
+        first.proc.kill()
+        first.proc.wait(10)
+        killed = now_ns()
+        time.sleep(0.2)
+        assert sum(sounding_after(peer.events()).values()) == 4, "the chord sounds on after the kill"
+        second = CoplayerProcess(name=name).start()
+        for what in OUTPUTS:  # as a session manager would: the same ports, connected again
+            jack_connect(second.ports[what], listening[f"{peer.name} {what}"])
+        clean = {(CC | ch, n, 0) for ch in range(16) for n in (SUSTAIN, ALL_NOTES_OFF, 120)}
+        def controllers(what: str) -> set:
+            return {m for _, m, _ in peer.events((what,), killed) if m[0] & 0xF0 == CC}
+
+        wait_for(lambda: all(controllers(w) == clean for w in OUTPUTS))
+        for what in OUTPUTS:  # the clean start sent at start and the one for the new connection may interleave
+            assert controllers(what) == clean, (what, sorted(controllers(what)), second.output)
+            assert not [m for _, m, _ in peer.events((what,), killed) if is_on(m)]
+        assert sounding_after(peer.events()) == {}
+    finally:
+        peer.close()
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def test_response_after_a_pause_is_cancelled_when_playing_resumes(coplayer_factory):

@@ -470,8 +470,10 @@ class Engine:
         at the synth on these very ports.  Not remembered by the feedback
         guard: the player's own pedal-up just after start is no echo (an
         echo of these, through a mis-wired loop, is forwarded once and only
-        silences)."""
+        silences).  Where the port can tell (JACK), a synth connected later,
+        before the port's first note, hears the same first."""
         for port in self.outputs.ports():
+            port.clean_on_connect()
             for channel in range(16):
                 for number in (SUSTAIN, ALL_NOTES_OFF, ALL_SOUND_OFF):
                     self._send(port, (CONTROL | channel, number, 0), guarded=False)
@@ -558,16 +560,18 @@ class Engine:
                       type(exc).__name__, exc, what, n, exc_info=n == 1)
 
     def _handle(self, data: Message, t_ns: int) -> None:
+        status = data[0]
         if self._now() - t_ns > self._stale_ns and sheddable(data):
             # Overload: it waited past the budget (plus the input's stamp
             # slack).  Late is worse than never; its note-off finds nothing
-            # held and sends nothing.
+            # held and sends nothing.  The player's note stays in the session.
             self.counts["dropped late"] += 1
+            if status & 0xF0 == NOTE_ON:
+                self.recorder.message(None, data, t_ns)
             return
         self._last_in_ns = t_ns
         if self.guard is not None and self.guard.is_echo(data, t_ns, self._holds):
             return self._feedback()
-        status = data[0]
         if status >= 0xF0:
             return self._system(data, t_ns)
         channel = status & 0x0F
@@ -597,11 +601,15 @@ class Engine:
             if responder is not None:  # an answer playing stops first (a note of this part and pitch)
                 responder.yield_to_player()
             target = self._note_target(part)
-            held = self.router.note_on(channel, pitch, target, self._audible(target))
+            late = self._now() - t_ns > self._stale_ns  # the decision took it past the bound: not played
+            held = self.router.note_on(channel, pitch, target, self._audible(target) and not late)
             if held.sounded:
                 self._catch_up(channel, target)
                 self._emit(target, (NOTE_ON, pitch, velocity), t_ns, source=(channel, pitch))
-            self._latency(self._now() - t_ns)
+            if late:
+                self.counts["dropped late"] += 1
+            else:
+                self._latency(self._now() - t_ns)
             # After the send, as everything below: hearing the note may wake
             # the responder's thread, which would then compete for the GIL.
             if responder is not None:

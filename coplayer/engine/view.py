@@ -28,9 +28,11 @@ def pitch_name(pitch: int | None) -> str:
 
 def summary_line(stats: dict) -> str:
     """``N notes: p50 .. ms, p99 .. ms, max .. ms; misses M`` (also printed at exit)."""
+    late = stats.get("dropped_late")
     return (f"{stats['count']} notes: p50 {stats['p50_ms']:.3f} ms, p99 {stats['p99_ms']:.3f} ms, "
             f"max {stats['max_ms']:.3f} ms (budget {stats['budget_ms']:g} ms); "
-            f"misses {stats['misses']} (routed by the fallback), {stats['over_budget']} over budget")
+            f"misses {stats['misses']} (routed by the fallback), {stats['over_budget']} over budget"
+            + (f"; {late} dropped as too late" if late else ""))
 
 
 def _activity(sounding: list[int]) -> str:

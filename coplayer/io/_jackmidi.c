@@ -14,8 +14,9 @@
  *     posts a semaphore; a Python reader thread blocked in cp_wait() (the GIL
  *     released) wakes at once.  No polling, no Python in JACK's thread;
  *   - a stuck-note safety net (cp_net_*): after JACK skipped a cycle or
- *     reported an xrun, each output writes again the note-offs it wrote in
- *     the last 0.1 s, except for keys struck again since;
+ *     reported an xrun, each output writes again the note-offs (sustain-offs,
+ *     All Notes/Sound Off) it wrote in the last 0.1 s, except for keys
+ *     struck again since;
  *   - idle ticks (cp_set_idle): after a spell with no input the callback
  *     also posts the reader, at the start of a cycle, so Python can do
  *     housekeeping (keep its model warm) when no message can arrive before
@@ -95,6 +96,8 @@ static struct {
     int (*set_xrun_callback)(jack_client_t *, int (*)(void *), void *); /* optional */
     jack_nframes_t (*last_frame_time)(const jack_client_t *);           /* optional */
     jack_nframes_t (*get_sample_rate)(jack_client_t *);                  /* optional */
+    int (*set_port_connect_callback)(jack_client_t *, void (*)(uint32_t, uint32_t, int, void *), void *); /* optional */
+    jack_port_t *(*port_by_id)(jack_client_t *, uint32_t);              /* optional */
 } J;
 
 static void *libjack;
@@ -172,6 +175,8 @@ static int load(char *err, int errlen) {
     *(void **)(&J.set_xrun_callback) = dlsym(h, "jack_set_xrun_callback");
     *(void **)(&J.last_frame_time) = dlsym(h, "jack_last_frame_time");
     *(void **)(&J.get_sample_rate) = dlsym(h, "jack_get_sample_rate");
+    *(void **)(&J.set_port_connect_callback) = dlsym(h, "jack_set_port_connect_callback");
+    *(void **)(&J.port_by_id) = dlsym(h, "jack_port_by_id");
     libjack = h;
     return 0;
 }
@@ -188,6 +193,8 @@ static int load(char *err, int errlen) {
  * writes again the note-offs (and sustain-offs) it wrote in the last
  * NET_WINDOW_S, except for keys struck again since: a repeated note-off of a
  * silent key is harmless, and a note that is still held is never ended.
+ * All Notes Off and All Sound Off likewise, unless a note of their channel
+ * is held.
  *
  * Per output port: a ring of the last note-offs written, with the frame
  * time of their cycle, and for each (channel, key) the note-ons written and
@@ -200,7 +207,9 @@ static int load(char *err, int errlen) {
 #define NET_MIN_PERIODS 8    /* ... and at least this many cycles */
 #define NET_MAX_SENDS 4      /* a note-off is written at most this often more (an xrun storm) */
 #define NET_MAX_DUE 256      /* messages one resend writes at most */
-#define PEDAL_KEY 128        /* the "key" of a channel's sustain-off in done[] */
+#define PEDAL_KEY 128        /* the "keys" of a channel's sustain-off, All Notes Off, All Sound Off in done[] */
+#define NOTES_OFF_KEY 129
+#define SOUND_OFF_KEY 130
 
 typedef struct {
     uint32_t frame;    /* frame time of the cycle that last wrote it */
@@ -213,9 +222,10 @@ typedef struct {
     uint32_t next;                   /* where the next entry goes */
     uint32_t used;                   /* entries in the ring, up to NET_RING */
     uint16_t held[16][128];          /* note-ons written and not yet ended */
+    uint32_t held_on[16];            /* their sum per channel */
     uint8_t pedal[16];               /* sustain pedal down */
     uint32_t pass;                   /* resends so far: done[][] == pass marks a key written in this one */
-    uint32_t done[16][PEDAL_KEY + 1];
+    uint32_t done[16][SOUND_OFF_KEY + 1];
 } cp_net;
 
 cp_net *cp_net_create(void) { return calloc(1, sizeof(cp_net)); }
@@ -234,15 +244,22 @@ static void net_remember(cp_net *n, const unsigned char *m, uint32_t frame) {
 void cp_net_written(cp_net *n, const unsigned char *m, int len, uint32_t frame) {
     if (len == 1 && m[0] == 0xFF) { /* System Reset: nothing sounds, no pedal */
         memset(n->held, 0, sizeof n->held);
+        memset(n->held_on, 0, sizeof n->held_on);
         memset(n->pedal, 0, sizeof n->pedal);
         return;
     }
     if (len != 3) return;
     int kind = m[0] & 0xF0, ch = m[0] & 0x0F, key = m[1] & 0x7F;
     if (kind == 0x90 && m[2]) {
-        if (n->held[ch][key] < UINT16_MAX) n->held[ch][key]++;
+        if (n->held[ch][key] < UINT16_MAX) {
+            n->held[ch][key]++;
+            n->held_on[ch]++;
+        }
     } else if (kind == 0x80 || kind == 0x90) {
-        if (n->held[ch][key]) n->held[ch][key]--;
+        if (n->held[ch][key]) {
+            n->held[ch][key]--;
+            n->held_on[ch]--;
+        }
         net_remember(n, m, frame);
     } else if (kind == 0xB0 && m[1] == 64) {
         n->pedal[ch] = m[2] >= 64;
@@ -251,6 +268,8 @@ void cp_net_written(cp_net *n, const unsigned char *m, int len, uint32_t frame) 
         n->pedal[ch] = 0;
     } else if (kind == 0xB0 && (m[1] == 120 || m[1] >= 123)) { /* All Sound/Notes Off, mode changes */
         memset(n->held[ch], 0, sizeof n->held[ch]);
+        n->held_on[ch] = 0;
+        if (m[1] == 120 || m[1] == 123) net_remember(n, m, frame);
     }
 }
 
@@ -269,9 +288,17 @@ int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, i
         net_entry *e = &n->ring[(n->next + NET_RING - n->used + i) % NET_RING];
         if (frame - e->frame > window || e->sends >= NET_MAX_SENDS) continue; /* unsigned: wraps correctly */
         int ch = e->msg[0] & 0x0F;
-        int pedal = (e->msg[0] & 0xF0) == 0xB0;
-        int key = pedal ? PEDAL_KEY : e->msg[1] & 0x7F;
-        if (pedal ? n->pedal[ch] : n->held[ch][key] > 0) continue; /* struck (pressed) again since */
+        int key = e->msg[1] & 0x7F, busy;
+        if ((e->msg[0] & 0xF0) != 0xB0) {
+            busy = n->held[ch][key] > 0;        /* the key struck again since */
+        } else if (key == 64) {
+            key = PEDAL_KEY;
+            busy = n->pedal[ch];                /* the pedal pressed again since */
+        } else {
+            key = key == 123 ? NOTES_OFF_KEY : SOUND_OFF_KEY;
+            busy = n->held_on[ch] > 0;          /* a note of the channel struck since */
+        }
+        if (busy) continue;
         e->frame = frame;  /* written again now: a later gap may take this one too */
         e->sends++;
         if (n->done[ch][key] == n->pass) continue;
@@ -313,6 +340,8 @@ typedef struct {
     jack_ringbuffer_t *ring; /* outputs: [uint16 length][bytes]... */
     cp_net *net;             /* outputs: the note-offs to write again after a gap */
     volatile uint64_t resent; /* outputs: messages the net wrote again */
+    volatile int clean_on_connect; /* outputs: a new connection gets the clean start (until the first note-on) */
+    volatile int clean_due;   /* outputs: connected since; the next cycle writes the clean start */
     int is_input;
     volatile int state;
     cp_owed owed;            /* outputs only; touched by the process callback alone */
@@ -505,6 +534,19 @@ static int take_ending(cp_client *c, unsigned char *buf, int *port) {
     return 0;
 }
 
+/* Sustain off, All Notes Off, All Sound Off on every channel: what a new
+ * connection hears first, before the port's first note (notes a killed
+ * coplayer left at the synth stop). */
+static void clean_start(cp_port *p, void *buf, jack_nframes_t frame) {
+    static const unsigned char numbers[] = {64, 123, 120};
+    for (int ch = 0; ch < 16; ch++)
+        for (int k = 0; k < 3; k++) {
+            unsigned char m[3] = {(unsigned char)(0xB0 | ch), numbers[k], 0};
+            if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, m, 3) != 0) return;
+            cp_net_written(p->net, m, 3, frame);
+        }
+}
+
 static int process(jack_nframes_t nframes, void *arg) {
     cp_client *c = arg;
     int64_t t = mono_ns();
@@ -560,6 +602,10 @@ static int process(jack_nframes_t nframes, void *arg) {
         } else {
             J.midi_clear_buffer(buf);
             if (state != LIVE) continue;
+            if (p->clean_due) {
+                p->clean_due = 0;
+                if (p->clean_on_connect) clean_start(p, buf, frame);
+            }
             int connected = J.port_connected(p->port) > 0;
             if (connected && p->owed.owing) pay(&p->owed, buf);
             if (resend) resend_offs(p, buf, frame, window);
@@ -581,6 +627,7 @@ static int process(jack_nframes_t nframes, void *arg) {
                 }
                 owe(&p->owed, msg, len, connected);
                 cp_net_written(p->net, msg, len, frame);
+                if (len == 3 && (msg[0] & 0xF0) == 0x90 && msg[2]) p->clean_on_connect = 0; /* a note sounds now */
                 room = J.midi_max_event_size(buf);
             }
         }
@@ -600,6 +647,18 @@ static int on_xrun(void *arg) {
     cp_client *c = arg;
     __sync_fetch_and_add(&c->xruns, 1);
     return 0;
+}
+
+/* JACK's notification thread: a connection made to one of our outputs. */
+static void on_connect(uint32_t a, uint32_t b, int connect, void *arg) {
+    cp_client *c = arg;
+    if (!connect) return;
+    jack_port_t *pa = J.port_by_id(c->client, a), *pb = J.port_by_id(c->client, b);
+    for (int i = 0; i < MAX_PORTS; i++) {
+        cp_port *p = &c->ports[i];
+        if (p->state == LIVE && !p->is_input && p->clean_on_connect && (p->port == pa || p->port == pb))
+            p->clean_due = 1;
+    }
 }
 
 static void on_shutdown(void *arg) {
@@ -634,6 +693,7 @@ cp_client *cp_open(const char *name, char *err, int errlen) {
     J.set_process_callback(c->client, process, c);
     J.on_shutdown(c->client, on_shutdown, c);
     if (J.set_xrun_callback) J.set_xrun_callback(c->client, on_xrun, c);
+    if (J.set_port_connect_callback && J.port_by_id) J.set_port_connect_callback(c->client, on_connect, c);
     if (J.activate(c->client)) {
         snprintf(err, errlen, "cannot activate the JACK client %s", name);
         J.client_close(c->client);
@@ -664,6 +724,8 @@ int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int err
     p->port = port;
     p->is_input = is_input;
     p->resent = 0;
+    p->clean_on_connect = 0;
+    p->clean_due = 0;
     p->ring = NULL;
     memset(&p->owed, 0, sizeof p->owed);
     memset(p->offs, 0, sizeof p->offs);
@@ -705,6 +767,14 @@ uint64_t cp_cycles(cp_client *c) { return c->cycles; }
 uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
 uint64_t cp_late_out(cp_client *c) { return c->late_out; }
 uint64_t cp_xruns(cp_client *c) { return c->xruns; }
+/* A connection made to output i before its first note-on gets the clean
+ * start (on: 1); 0 if this JACK cannot tell of connections. */
+int cp_set_clean_on_connect(cp_client *c, int i, int on) {
+    if (!(J.set_port_connect_callback && J.port_by_id)) return 0;
+    c->ports[i].clean_on_connect = on;
+    return 1;
+}
+
 /* Messages the net wrote again on output i. */
 uint64_t cp_resent(cp_client *c, int i) { return c->ports[i].resent; }
 

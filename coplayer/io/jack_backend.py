@@ -105,6 +105,7 @@ def _load() -> ctypes.CDLL:
         "cp_skipped": (i64, [c]),
         "cp_resent": (ctypes.c_uint64, [c, i]),
         "cp_set_stale": (None, [c, ctypes.c_double]),
+        "cp_set_clean_on_connect": (i, [c, i, i]),
         "cp_shed": (ctypes.c_uint64, [c]),
         "cp_period_ns": (i64, [c]),
         "cp_net_create": (c, []),
@@ -445,6 +446,13 @@ class JackOutput(_JackPort, BaseOutput):
 
     def _open(self, virtual: bool, client_name: str, port_name: str | None) -> None:
         self._open_jack("output", virtual, client_name, port_name)
+
+    def clean_on_connect(self) -> bool:
+        """A connection made to this output before its first note-on hears the
+        clean start first (a patchbay or session manager that connects a
+        moment after the port appears)."""
+        client = self._client_obj
+        return client is not None and bool(client.lib.cp_set_clean_on_connect(client.handle, self._index, 1))
 
     def resent(self) -> int | None:
         """Note-offs (and sustain-offs) this output wrote again after JACK

@@ -352,6 +352,13 @@ class BaseOutput(BasePort):
             for key in [k for k in self._notes if k[0] == channel]:
                 del self._notes[key]
 
+    def clean_on_connect(self) -> bool:
+        """Have a connection made to this port before its first note-on
+        receive sustain off, All Notes Off and All Sound Off on every channel
+        first (the engine's clean start, for a synth connected after it was
+        sent).  False where the backend cannot tell of connections (this default)."""
+        return False
+
     def resent(self) -> int | None:
         """Note-offs the backend wrote again because the MIDI server may have
         lost them (JACK: after a skipped cycle or an xrun), or None if the
