@@ -40,6 +40,7 @@ pytestmark = pytest.mark.usefixtures("jack_server")
 SUSTAIN = 64
 ASSETS = Path(__file__).resolve().parents[1] / "coplayer" / "assets"
 PERIOD_MS = 64 / 48000 * 1e3  # the jack_server fixture's period
+PROBE = 40  # the key played until coplayer answers (not among the tests' notes)
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -83,13 +84,23 @@ def patch(source: str, destination: str, tries: int = 3) -> None:
 
 def connect(cp: CoplayerProcess, peer: Peer) -> None:
     """Peer's output to coplayer's input, every coplayer output to the peer's
-    merged input (opened on first use), as a patchbay does."""
+    merged input (opened on first use), as a patchbay does; then until
+    coplayer plays.  Its ports appear before its engine starts, and a note
+    played meanwhile waits past the budget and is dropped."""
     if MERGED not in peer.inputs:
         peer.listen(MERGED)
     merged = wait_ports([f"{peer.name} {MERGED}"])[f"{peer.name} {MERGED}"]
     patch(peer.out_port(), cp.ports["in"])
     for what in OUTPUTS:
         patch(cp.ports[what], merged)
+    since = now_ns()
+    for _ in range(40):
+        play(peer, [(0.0, (NOTE_ON, PROBE, 64)), (0.05, (NOTE_OFF, PROBE, 0))])
+        if wait_for(lambda: played_ons(peer, since)[PROBE], 0.25):
+            peer.wait_quiet()
+            return
+        assert cp.proc.poll() is None, f"coplayer stopped: {cp.stop()} {cp.output}"
+    pytest.fail(f"coplayer played nothing within 12 s of its ports appearing: {cp.stop()} {cp.output}")
 
 
 def disconnect(source: str, destination: str) -> None:
@@ -116,7 +127,14 @@ def quiet(peer: Peer, timeout_s: float = 2.0) -> bool:
 
 
 def left_over(peer: Peer) -> str:
-    return f"sounding {sounding_after(heard(peer))}, pedals down {pedals_down(heard(peer))}"
+    """What is left sounding, and every message the peer got for those keys (ms from the first)."""
+    events = heard(peer)
+    stuck = sounding_after(events)
+    keys = {(ch, pitch) for _, ch, pitch in stuck}
+    start = events[0][2] if events else 0
+    history = [(msg, round((t - start) / 1e6, 1)) for _, msg, t in events
+               if len(msg) == 3 and msg[0] & 0xE0 == NOTE_OFF and (msg[0] & 0x0F, msg[1]) in keys]
+    return f"sounding {stuck}, pedals down {pedals_down(events)}; their messages: {history}"
 
 
 def played_ons(peer: Peer, since_ns: int = 0) -> Counter:
