@@ -76,6 +76,7 @@ static struct {
     const char *(*port_name)(const jack_port_t *);
     void *(*port_get_buffer)(jack_port_t *, jack_nframes_t);
     const char **(*get_ports)(jack_client_t *, const char *, const char *, unsigned long);
+    int (*port_connected)(const jack_port_t *);
     int (*connect)(jack_client_t *, const char *, const char *);
     void (*free)(void *);
     uint32_t (*midi_get_event_count)(void *);
@@ -153,6 +154,7 @@ static int load(char *err, int errlen) {
     SYM(port_name, "jack_port_name");
     SYM(port_get_buffer, "jack_port_get_buffer");
     SYM(get_ports, "jack_get_ports");
+    SYM(port_connected, "jack_port_connected");
     SYM(connect, "jack_connect");
     SYM(free, "jack_free");
     SYM(midi_get_event_count, "jack_midi_get_event_count");
@@ -313,11 +315,25 @@ int cp_net_due(cp_net *n, uint32_t frame, uint32_t window, unsigned char *out, i
 #define OUT_RING (1 << 16)   /* bytes of messages waiting per output */
 #define IN_RING (1 << 18)    /* bytes of messages waiting for the reader */
 #define IN_RESERVE (IN_RING / 4) /* room only note-offs and controllers may take */
+/* Past it, a flood (20,000 messages/s of SysEx, junk and notes, in
+ * tests_e2e/test_faults.py) that fills the ring while the reader is held up
+ * would still drop note-offs: notes left sounding.  What ends a sound then
+ * waits aside, counted per port, channel and key (cp_port.offs), for the
+ * reader to take after the ring: never lost. */
 
 /* A port's life: LIVE; CLOSING (its output buffer is still cleared each
  * cycle, so JACK re-sends nothing, but nothing new is written or read);
  * DEAD (the callback no longer touches it: it may be unregistered); FREE. */
 enum { FREE = 0, LIVE = 1, CLOSING = 2, DEAD = 3 };
+
+/* What an output owes the synths it is connected to (see owe() below). */
+enum { OWE_SUSTAIN_OFF = 1, OWE_SOUND_OFF = 2, OWE_NOTES_OFF = 4 };
+typedef struct {
+    uint8_t sounding[16][128]; /* note-ons delivered to a connection and not ended */
+    uint8_t notes[16][128];    /* note-offs owed */
+    uint8_t controls[16];      /* OWE_* bits owed */
+    int owing;
+} cp_owed;
 
 typedef struct {
     jack_port_t *port;
@@ -328,6 +344,11 @@ typedef struct {
     volatile int clean_due;   /* outputs: connected since; the next cycle writes the clean start */
     int is_input;
     volatile int state;
+    cp_owed owed;            /* outputs only; touched by the process callback alone */
+    /* inputs only: what ends a sound and found the ring full, for the reader
+     * (the callback adds, the reader takes, both atomically) */
+    uint16_t offs[16][128];  /* note-offs */
+    uint8_t controls[16];    /* OWE_* bits: sustain-off, All Sound Off, All Notes Off */
 } cp_port;
 
 /* The input ring holds records: header, then `length` bytes. */
@@ -344,6 +365,7 @@ typedef struct {
     sem_t ready;
     volatile uint64_t cycles;
     volatile uint64_t lost_in;    /* input messages dropped: the reader fell behind */
+    volatile int offs_waiting;    /* an input's offs or controls hold something */
     volatile uint64_t shed;       /* input messages the reader dropped as stale (cp_set_stale) */
     volatile int64_t stale_ns;    /* note-ons and junk older than this are shed (0: never) */
     volatile int64_t period_ns;   /* the length of JACK's cycle */
@@ -388,6 +410,68 @@ static int64_t mono_ns(void) {
 
 int64_t cp_now_ns(void) { return mono_ns(); }
 
+/* --- what a disconnected output owes ------------------------------------- */
+
+/* MIDI written to an output with no connection goes nowhere.  A note-off
+ * lost that way (the synth was unplugged while a key sounded, then plugged
+ * in again) is a note left sounding; so are a sustain-off, an All Notes Off
+ * or an All Sound Off.  Each output keeps, per channel and key, the note-ons
+ * it delivered and not yet ended; what would have ended them while it had no
+ * connection is owed, and written first in the next cycle that has one.
+ * The controllers that silence a channel are owed whenever they go nowhere
+ * (a start's clean-up written before anyone connected reaches the first
+ * connection); note-offs only for notes that were heard.  A synth that is
+ * one of several connections and is unplugged alone is not seen. */
+static void owe(cp_owed *o, const unsigned char *m, size_t len, int connected) {
+    if (len == 1 && m[0] == 0xFF) { /* System Reset: as All Notes Off and sustain-off everywhere */
+        for (int ch = 0; ch < 16; ch++) {
+            memset(o->sounding[ch], 0, 128);
+            if (!connected) o->controls[ch] |= OWE_SUSTAIN_OFF | OWE_NOTES_OFF;
+        }
+        o->owing |= !connected;
+        return;
+    }
+    if (len != 3) return;
+    int kind = m[0] & 0xF0, ch = m[0] & 0x0F, key = m[1] & 0x7F;
+    if (kind == 0x90 && m[2]) {
+        if (connected && o->sounding[ch][key] < 255) o->sounding[ch][key]++;
+    } else if (kind == 0x80 || kind == 0x90) {
+        if (!o->sounding[ch][key]) return;
+        o->sounding[ch][key]--;
+        if (!connected && o->notes[ch][key] < 255) {
+            o->notes[ch][key]++;
+            o->owing = 1;
+        }
+    } else if (kind == 0xB0 && (m[1] == 120 || m[1] == 123 || (m[1] == 64 && m[2] < 64))) {
+        if (m[1] != 64) memset(o->sounding[ch], 0, 128);
+        if (!connected) {
+            o->controls[ch] |= m[1] == 64 ? OWE_SUSTAIN_OFF : m[1] == 120 ? OWE_SOUND_OFF : OWE_NOTES_OFF;
+            o->owing = 1;
+        }
+    }
+}
+
+/* Write what `o` owes into `buf`, as far as it has room; the rest waits. */
+static void pay(cp_owed *o, void *buf) {
+    static const unsigned char cc[3][2] = {{64, 0}, {120, 0}, {123, 0}};
+    for (int ch = 0; ch < 16; ch++) {
+        for (int b = 0; b < 3; b++) {
+            if (!(o->controls[ch] & (1 << b))) continue;
+            unsigned char m[3] = {(unsigned char)(0xB0 | ch), cc[b][0], cc[b][1]};
+            if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, m, 3) != 0) return;
+            o->controls[ch] &= ~(1 << b);
+        }
+        for (int key = 0; key < 128; key++) {
+            while (o->notes[ch][key]) {
+                unsigned char m[3] = {(unsigned char)(0x80 | ch), (unsigned char)key, 0};
+                if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, m, 3) != 0) return;
+                o->notes[ch][key]--;
+            }
+        }
+    }
+    o->owing = 0;
+}
+
 /* Write again, first in this cycle, the note-offs the net holds due. */
 static void resend_offs(cp_port *p, void *buf, jack_nframes_t frame, jack_nframes_t window) {
     unsigned char due[3 * NET_MAX_DUE];
@@ -396,6 +480,58 @@ static void resend_offs(cp_port *p, void *buf, jack_nframes_t frame, jack_nframe
         if (J.midi_max_event_size(buf) < 3 || J.midi_event_write(buf, 0, due + 3 * k, 3) != 0) break;
         p->resent++;
     }
+}
+
+/* A note-off, sustain-off, All Sound Off, All Notes Off or System Reset. */
+static int ends_sound(const unsigned char *m, size_t len) {
+    if (len == 1) return m[0] == 0xFF;
+    if (len != 3) return 0;
+    int kind = m[0] & 0xF0;
+    return kind == 0x80 || (kind == 0x90 && m[2] == 0)
+           || (kind == 0xB0 && (m[1] == 120 || m[1] == 123 || (m[1] == 64 && m[2] < 64)));
+}
+
+/* Keep a message that ends a sound for the reader when the ring is full:
+ * 1, or 0 if it is not one (System Reset is not kept). */
+static int keep_ending(cp_client *c, cp_port *p, const unsigned char *m, size_t len) {
+    if (len != 3 || !ends_sound(m, len)) return 0;
+    int ch = m[0] & 0x0F;
+    if ((m[0] & 0xF0) == 0xB0)
+        __sync_fetch_and_or(&p->controls[ch], m[1] == 64 ? OWE_SUSTAIN_OFF : m[1] == 120 ? OWE_SOUND_OFF : OWE_NOTES_OFF);
+    else if (p->offs[ch][m[1] & 0x7F] < UINT16_MAX)
+        __sync_fetch_and_add(&p->offs[ch][m[1] & 0x7F], 1);
+    __sync_synchronize();
+    c->offs_waiting = 1;
+    return 1;
+}
+
+/* One message kept by keep_ending(), into buf: its length (3), or 0 if none. */
+static int take_ending(cp_client *c, unsigned char *buf, int *port) {
+    static const unsigned char cc[3] = {64, 120, 123};
+    c->offs_waiting = 0;
+    __sync_synchronize();
+    for (int i = 0; i < MAX_PORTS; i++) {
+        cp_port *p = &c->ports[i];
+        if (!p->is_input || p->state != LIVE) continue;
+        for (int ch = 0; ch < 16; ch++) {
+            for (int b = 0; b < 3; b++) {
+                if (!(__sync_fetch_and_and(&p->controls[ch], ~(1 << b)) & (1 << b))) continue;
+                buf[0] = (unsigned char)(0xB0 | ch), buf[1] = cc[b], buf[2] = 0;
+                *port = i;
+                c->offs_waiting = 1;
+                return 3;
+            }
+            for (int key = 0; key < 128; key++) {
+                if (!p->offs[ch][key]) continue;
+                __sync_fetch_and_sub(&p->offs[ch][key], 1);
+                buf[0] = (unsigned char)(0x80 | ch), buf[1] = (unsigned char)key, buf[2] = 0;
+                *port = i;
+                c->offs_waiting = 1;
+                return 3;
+            }
+        }
+    }
+    return 0;
 }
 
 /* Sustain off, All Notes Off, All Sound Off on every channel: what a new
@@ -450,6 +586,10 @@ static int process(jack_nframes_t nframes, void *arg) {
                 if (J.midi_event_get(&ev, buf, k) != 0 || ev.size == 0 || ev.size > MAX_MESSAGE) continue;
                 in_header h = {t, (uint16_t)ev.size, (uint8_t)i};
                 size_t space = J.rb_write_space(c->in_ring);
+                if (space < sizeof h + ev.size && keep_ending(c, p, ev.buffer, ev.size)) {
+                    got = 1;
+                    continue;
+                }
                 /* the last quarter of the ring is kept for what ends notes */
                 if (space < sizeof h + ev.size || (space < IN_RESERVE && sheddable(ev.buffer, ev.size))) {
                     c->lost_in++;
@@ -466,6 +606,8 @@ static int process(jack_nframes_t nframes, void *arg) {
                 p->clean_due = 0;
                 if (p->clean_on_connect) clean_start(p, buf, frame);
             }
+            int connected = J.port_connected(p->port) > 0;
+            if (connected && p->owed.owing) pay(&p->owed, buf);
             if (resend) resend_offs(p, buf, frame, window);
             size_t room = J.midi_max_event_size(buf);
             unsigned char msg[MAX_MESSAGE];
@@ -483,6 +625,7 @@ static int process(jack_nframes_t nframes, void *arg) {
                     c->late_out++; /* cannot happen after the size check; counted if it does */
                     break;
                 }
+                owe(&p->owed, msg, len, connected);
                 cp_net_written(p->net, msg, len, frame);
                 if (len == 3 && (msg[0] & 0xF0) == 0x90 && msg[2]) p->clean_on_connect = 0; /* a note sounds now */
                 room = J.midi_max_event_size(buf);
@@ -584,6 +727,9 @@ int cp_add_port(cp_client *c, const char *name, int is_input, char *err, int err
     p->clean_on_connect = 0;
     p->clean_due = 0;
     p->ring = NULL;
+    memset(&p->owed, 0, sizeof p->owed);
+    memset(p->offs, 0, sizeof p->offs);
+    memset(p->controls, 0, sizeof p->controls);
     p->net = NULL;
     if (!is_input) {
         p->ring = J.rb_create(OUT_RING);
@@ -680,7 +826,7 @@ void cp_set_idle(cp_client *c, double idle_s, double fresh_s) {
  * Posts that piled up while the reader was busy are taken at once: one
  * wake per wait. */
 int cp_wait(cp_client *c, double timeout_s) {
-    if (J.rb_read_space(c->in_ring) > 0) return 1;
+    if (J.rb_read_space(c->in_ring) > 0 || c->offs_waiting) return 1;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     long long ns = ts.tv_nsec + (long long)(timeout_s * 1e9);
@@ -691,13 +837,13 @@ int cp_wait(cp_client *c, double timeout_s) {
     }
     while (sem_trywait(&c->ready) == 0) {
     }
-    if (J.rb_read_space(c->in_ring) > 0) return 1;
+    if (J.rb_read_space(c->in_ring) > 0 || c->offs_waiting) return 1;
     if (c->shutdown) return -1;
     return woke && c->idle_ns > 0 && mono_ns() - c->tick_ns < c->fresh_ns ? 2 : 0;
 }
 
 /* Bytes of input messages waiting for the reader. */
-int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring); }
+int cp_waiting(cp_client *c) { return (int)J.rb_read_space(c->in_ring) + (c->offs_waiting ? 3 : 0); }
 
 /* Wake a reader blocked in cp_wait (e.g. to stop it). */
 void cp_wake(cp_client *c) { sem_post(&c->ready); }
@@ -723,7 +869,8 @@ int cp_read(cp_client *c, unsigned char *buf, int buflen, int *port, int64_t *t_
         *t_ns = h.t_ns;
         return h.length;
     }
-    return 0;
+    *t_ns = mono_ns(); /* a message kept aside (keep_ending): now, after all that the ring held */
+    return c->offs_waiting && buflen >= 3 ? take_ending(c, buf, port) : 0;
 }
 
 /* Shed note-ons and junk that waited longer than stale_s (0: never). */

@@ -252,7 +252,9 @@ class _Client:
         while not self._stop:
             state = lib.cp_wait(handle, WAIT_S)
             if state < 0:
-                log.error("the JACK server shut down: coplayer's JACK ports (%s) are gone", self.name)
+                # Said once, by the ports' owner, who learns it from lost(): `coplayer run`
+                # stops with one line; a second one here made two for one fault.
+                log.debug("the JACK server shut down: the JACK ports of client %s are gone", self.name)
                 return
             if state == 2:
                 self._idle()
