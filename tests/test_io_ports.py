@@ -707,6 +707,7 @@ port.close()
 """
 
 
+@pytest.mark.subprocess
 def test_note_offs_lost_in_a_frozen_listener_are_sent_again_but_a_key_struck_since_is_not_ended(jack_server):
     """The listening client is frozen (SIGSTOP) while coplayer's output writes
     a note, a note-off, and a key struck, released and struck again: JACK

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import jack_server  # noqa: F401  (the fixture)
 from tests.test_soak import load_soak
 
-pytestmark = pytest.mark.usefixtures("jack_server")
+pytestmark = [pytest.mark.usefixtures("jack_server"), pytest.mark.subprocess]  # coplayer and its peers run as processes
 
 
 def test_a_short_soak_reports_every_figure_per_bucket_before_coplayer_exits():
