@@ -24,7 +24,7 @@ from coplayer.bench import (
 )
 from coplayer.io.ports import now_ns
 
-pytestmark = pytest.mark.usefixtures("jack_server")
+pytestmark = [pytest.mark.usefixtures("jack_server"), pytest.mark.subprocess]  # coplayer and its peers run as processes
 
 SUSTAIN = 64
 ALL_NOTES_OFF = 123
@@ -190,6 +190,30 @@ def test_a_run_after_a_killed_one_first_silences_every_channel_of_every_port():
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_a_connection_made_after_the_first_note_gets_no_clean_start():
+    """The clean start greets a synth connected before coplayer plays; once a
+    note has played, a new connection (a synth shared with the parts, plugged
+    into the pass-through mid-set) hears no All Notes Off that would silence it."""
+    cp = CoplayerProcess(name=f"cpc{random.randrange(10**6)}").start()
+    peer = Peer()
+    try:
+        peer.attach(cp)
+        wait_ports([f"{peer.name} {what}" for what in OUTPUTS])
+        time.sleep(0.2)
+        peer.send((NOTE_ON, 60, 100))
+        assert wait_for(lambda: len(note_ons(part_events(peer))) >= 1)
+        peer.send((NOTE_OFF, 60, 0))
+        since = now_ns()
+        late = peer.listen("late")
+        for what in OUTPUTS:
+            jack_connect(cp.ports[what], late)
+        time.sleep(0.5)
+        assert [m for _, m, _ in peer.events(("late",), since) if m[0] & 0xF0 == CC] == []
+    finally:
+        peer.close()
+        cp.stop()
 
 
 def test_response_after_a_pause_is_cancelled_when_playing_resumes(coplayer_factory):

@@ -36,7 +36,7 @@ from coplayer.bench import (
 from coplayer.io.ports import now_ns
 from test_e2e_jack import wait_for
 
-pytestmark = pytest.mark.usefixtures("jack_server")
+pytestmark = [pytest.mark.usefixtures("jack_server"), pytest.mark.subprocess]  # coplayer and its peers run as processes
 
 SUSTAIN = 64
 ASSETS = Path(__file__).resolve().parents[1] / "coplayer" / "assets"
@@ -89,8 +89,8 @@ def connect(cp: CoplayerProcess, peer: Peer) -> None:
     input and the pass-through and drums to its other one (opened on first
     use), as a patchbay does; then until coplayer plays.  Its ports appear
     before its engine starts, and a note played meanwhile waits past the
-    budget and is dropped.  (The pass-through and drums, which play no notes
-    here, send a clean start to each new connection: on the parts' synth it
+    budget and is dropped.  (Until coplayer's first note, each output sends a
+    clean start to a new connection: on the parts' synth the pass-through's
     would silence them and hide what a reconnection leaves sounding.)"""
     for label in (MERGED, OTHERS):
         if label not in peer.inputs:
@@ -328,11 +328,7 @@ def test_outputs_disconnected_and_reconnected_leave_nothing_sounding(started, tm
     connection: the synth must not keep them once they are reconnected; what
     was played meanwhile is in the session."""
     coplayer, new_peer = started
-    # The zone baseline routes by pitch, the same way in every run.  (A part
-    # port that has not played yet greets a new connection with a clean
-    # start, All Notes Off on every channel, which silences the whole synth
-    # whatever the others left: measured, the test then passes without the
-    # reconnection's own note-offs.  With the zone baseline it does not.)
+    # The zone baseline routes by pitch, the same way in every run.
     cp = coplayer(settings={**recording(tmp_path), "instrument.model": "zone"})
     feed = StatsListener(cp.osc_out)
     peer = new_peer()

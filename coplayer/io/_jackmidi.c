@@ -194,7 +194,9 @@ static int load(char *err, int errlen) {
  * NET_WINDOW_S, except for keys struck again since: a repeated note-off of a
  * silent key is harmless, and a note that is still held is never ended.
  * All Notes Off and All Sound Off likewise, unless a note of their channel
- * is held.
+ * is held.  The resend is written once more NET_ECHO_PERIODS cycles later
+ * (reaching as far back): a client that was frozen may miss the first
+ * cycles after it runs again too, and with them the first resend.
  *
  * Per output port: a ring of the last note-offs written, with the frame
  * time of their cycle, and for each (channel, key) the note-ons written and
@@ -207,6 +209,7 @@ static int load(char *err, int errlen) {
 #define NET_MIN_PERIODS 8    /* ... and at least this many cycles */
 #define NET_MAX_SENDS 4      /* a note-off is written at most this often more (an xrun storm) */
 #define NET_MAX_DUE 256      /* messages one resend writes at most */
+#define NET_ECHO_PERIODS 16  /* the resend again this many cycles later (21 ms at 64 frames, 48 kHz) */
 #define PEDAL_KEY 128        /* the "keys" of a channel's sustain-off, All Notes Off, All Sound Off in done[] */
 #define NOTES_OFF_KEY 129
 #define SOUND_OFF_KEY 130
@@ -340,7 +343,7 @@ typedef struct {
     jack_ringbuffer_t *ring; /* outputs: [uint16 length][bytes]... */
     cp_net *net;             /* outputs: the note-offs to write again after a gap */
     volatile uint64_t resent; /* outputs: messages the net wrote again */
-    volatile int clean_on_connect; /* outputs: a new connection gets the clean start (until the first note-on) */
+    volatile int clean_on_connect; /* outputs: a new connection gets the clean start (until the client's first note-on) */
     volatile int clean_due;   /* outputs: connected since; the next cycle writes the clean start */
     int is_input;
     volatile int state;
@@ -381,12 +384,18 @@ typedef struct {
     jack_nframes_t last_frame;    /* frame time of the previous callback's cycle */
     uint64_t xruns_seen;          /* xruns when the last cycle began */
     jack_nframes_t net_window;    /* frames back a resend reaches (NET_WINDOW_S) */
+    jack_nframes_t echo_frame;    /* frame time of the echo of the last resend, while echo_due */
+    int echo_due;
     int have_frame;
     volatile int shutdown;
     volatile int64_t idle_ns;     /* post an idle tick after this long without input (0: never) */
     int64_t last_post_ns;         /* start of the cycle that last posted (input or tick) */
     volatile int64_t tick_ns;     /* start of the cycle of the last idle tick */
     int64_t fresh_ns;             /* how long after its cycle's start a tick is still worth taking */
+    /* A note-on has left one of the outputs: from then on a new connection
+     * gets no clean start (it would silence notes sounding at a synth that
+     * another output of ours shares, e.g. the thru port connected mid-set). */
+    volatile int played;
 } cp_client;
 
 /* A message that may be dropped under load: a note-on (late is worse than
@@ -571,6 +580,14 @@ static int process(jack_nframes_t nframes, void *arg) {
     }
     int resend = gap_seen;
     jack_nframes_t window = c->net_window > NET_MIN_PERIODS * nframes ? c->net_window : NET_MIN_PERIODS * nframes;
+    if (gap_seen) {
+        c->echo_frame = frame + NET_ECHO_PERIODS * nframes;
+        c->echo_due = 1;
+    } else if (c->echo_due && (int32_t)(frame - c->echo_frame) >= 0) { /* signed: wraps correctly */
+        c->echo_due = 0;
+        resend = 1;
+        window += NET_ECHO_PERIODS * nframes;
+    }
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
         int state = p->state;
@@ -604,7 +621,7 @@ static int process(jack_nframes_t nframes, void *arg) {
             if (state != LIVE) continue;
             if (p->clean_due) {
                 p->clean_due = 0;
-                if (p->clean_on_connect) clean_start(p, buf, frame);
+                if (p->clean_on_connect && !c->played) clean_start(p, buf, frame);
             }
             int connected = J.port_connected(p->port) > 0;
             if (connected && p->owed.owing) pay(&p->owed, buf);
@@ -627,7 +644,7 @@ static int process(jack_nframes_t nframes, void *arg) {
                 }
                 owe(&p->owed, msg, len, connected);
                 cp_net_written(p->net, msg, len, frame);
-                if (len == 3 && (msg[0] & 0xF0) == 0x90 && msg[2]) p->clean_on_connect = 0; /* a note sounds now */
+                if (len == 3 && (msg[0] & 0xF0) == 0x90 && msg[2]) c->played = 1; /* a note sounds now */
                 room = J.midi_max_event_size(buf);
             }
         }
@@ -656,7 +673,7 @@ static void on_connect(uint32_t a, uint32_t b, int connect, void *arg) {
     jack_port_t *pa = J.port_by_id(c->client, a), *pb = J.port_by_id(c->client, b);
     for (int i = 0; i < MAX_PORTS; i++) {
         cp_port *p = &c->ports[i];
-        if (p->state == LIVE && !p->is_input && p->clean_on_connect && (p->port == pa || p->port == pb))
+        if (!c->played && p->state == LIVE && !p->is_input && p->clean_on_connect && (p->port == pa || p->port == pb))
             p->clean_due = 1;
     }
 }
@@ -767,7 +784,7 @@ uint64_t cp_cycles(cp_client *c) { return c->cycles; }
 uint64_t cp_lost_in(cp_client *c) { return c->lost_in; }
 uint64_t cp_late_out(cp_client *c) { return c->late_out; }
 uint64_t cp_xruns(cp_client *c) { return c->xruns; }
-/* A connection made to output i before its first note-on gets the clean
+/* A connection made to output i before the client's first note-on gets the clean
  * start (on: 1); 0 if this JACK cannot tell of connections. */
 int cp_set_clean_on_connect(cp_client *c, int i, int on) {
     if (!(J.set_port_connect_callback && J.port_by_id)) return 0;

@@ -448,9 +448,10 @@ class JackOutput(_JackPort, BaseOutput):
         self._open_jack("output", virtual, client_name, port_name)
 
     def clean_on_connect(self) -> bool:
-        """A connection made to this output before its first note-on hears the
-        clean start first (a patchbay or session manager that connects a
-        moment after the port appears)."""
+        """A connection made to this output before coplayer's first note-on
+        (on any of its outputs) hears the clean start first (a patchbay or
+        session manager that connects a moment after the port appears); later
+        ones do not, so a synth shared with another output is not silenced mid-set."""
         client = self._client_obj
         return client is not None and bool(client.lib.cp_set_clean_on_connect(client.handle, self._index, 1))
 
