@@ -896,6 +896,15 @@ def test_record_writes_at_most_one_file_per_interval_and_says_so_once(tmp_path, 
     assert rig.engine.stats()["records_refused"] == 200
 
 
+def test_record_false_keeps_no_note_and_record_says_so_once(tmp_path, caplog):
+    with Rig(f"session.directory={tmp_path}", "session.record=false") as rig:
+        for pitch in range(60, 72):
+            rig.send((ON, pitch, 100), (OFF, pitch, 0))
+        assert rig.engine.record() is None and rig.engine.record() is None
+    assert len(rig.engine.recorder) == 0 and list(tmp_path.iterdir()) == []
+    assert caplog.text.count("session.record is false: coplayer keeps no recording") == 1
+
+
 def test_record_refuses_a_new_file_past_the_folders_budget(tmp_path, caplog):
     (tmp_path / "session-old.mid").write_bytes(b"\0" * 1_200_000)
     with Rig(f"session.directory={tmp_path}", "session.max_mb=1") as rig:

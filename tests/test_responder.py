@@ -219,6 +219,34 @@ def test_new_note_on_cancels_and_releases(rig):
     assert_hygiene(rec.snapshot())
 
 
+def test_a_held_key_delays_the_answer_until_it_is_released(rig):
+    r, clock, rec = rig()
+    play_phrase(r, clock, hold_last=True)
+    time.sleep(4 * BEAT_NS / 1e9)  # well past the silence: the last key is still down
+    assert not rec.ons() and r.stats["generated"] == 0
+    released = now_ns()
+    r.note_off(65, released)
+    assert wait_for(lambda: r.stats["played"] == 1)
+    assert rec.ons()[0][2] > released
+    assert_hygiene(rec.snapshot())
+
+
+def test_a_lost_note_off_does_not_block_answers_when_its_key_is_struck_again(rig):
+    """A note-off lost on the way in (a JACK xrun) leaves a key "held"; the key
+    struck again proves it was released.  First in, first out, that new note's
+    note-off used to end the lost one, and the new note stayed "held": every
+    phrase playing that key renewed it and no pause was ever heard (the soak's
+    answers stopped after four minutes)."""
+    r, clock, rec = rig()
+    r.note_on(64, 80, "soprano", now_ns())  # its note-off never comes
+    for n in range(3):  # phrases that strike 64 again, each with a pause after it
+        last_on = play_phrase(r, clock)
+        assert wait_for(lambda: r.stats["played"] == n + 1, timeout=2.0)
+        first = rec.ons()[4 * n][2]
+        assert clock.beat_at(first) - clock.beat_at(last_on) < 6  # the silence (1 beat), the estimate, a beat
+    assert_hygiene(rec.snapshot())
+
+
 def test_mode_change_cancels_and_instrument_never_responds(rig):
     r, clock, rec = rig(cfg=config(response_bars=2))
     play_phrase(r, clock)

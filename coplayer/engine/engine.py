@@ -340,7 +340,7 @@ class Engine:
         self._clamp_log = RateLimitedLog(log, CLAMP_LOG_INTERVAL_S)
         self.latency = LatencyStats(budget_ms=cfg.latency.budget_ms)
         self._free_clock = InternalClock(self.clock.bpm, now())
-        self.recorder = SessionRecorder(self.beat_at, now)
+        self.recorder = SessionRecorder(self.beat_at, now, keep=cfg.session.record)
         self.snapshots = SnapshotGate(cfg.session.directory, cfg.session.max_mb)
         self._refusals = 0  # snapshots refused since the last one written
         drums = cfg.midi.drum_channel
@@ -926,7 +926,8 @@ class Engine:
         (OSC ``/coplayer/record``): at most one every few seconds, none past
         ``session.max_mb``; a refusal or a failure is one line (the first of
         a flood), and the OSC ``record`` state says it."""
-        refused = self.snapshots.refusal()
+        refused = None if self.recorder.keep else "session.record is false: coplayer keeps no recording"
+        refused = refused or self.snapshots.refusal()
         if refused:
             return self._not_recorded("refused", refused)
         try:

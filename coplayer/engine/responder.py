@@ -35,7 +35,13 @@ quantised to the model encoding's ticks); positions in the bar use
 ``tempo.beats_per_bar`` (beat 0 of the clock is a barline).  A phrase ends
 when no note-on came for ``continuation.silence_beats`` beats and no key is
 held (a :meth:`~Responder.trigger` ends it at once; keys then held count with
-their duration so far).  The answer is planned (and composed) to start on the first beat at
+their duration so far).  A key is held from its note-on to its note-off; a
+note-off lost on the way in (a JACK xrun drops a cycle's messages) must not
+hold the answers back for good, so a key struck again ends its earlier note
+there (a key goes down only once: the model hears one note end where the next
+begins, and the new note-off ends the new note), and a key held longer than
+:data:`STUCK_BEATS` no longer holds back the answer (nor does it end the
+phrase: the pause still counts from the last note-on).  The answer is planned (and composed) to start on the first beat at
 least ``estimate + lookahead_ms`` after the phrase end; the estimate is
 :data:`ESTIMATE_MARGIN` times the slowest of the last generations per bar
 (at least :data:`MIN_BAR_ESTIMATE_NS`; the first from a warm-up at start),
@@ -192,7 +198,7 @@ class Responder:
         self._mode = cfg.mode
         self._bars = c.response_bars
         self._pending: list[_Heard] = []
-        self._open: dict[int, deque[_Heard]] = {}
+        self._open: dict[int, _Heard] = {}  # pitch -> the key held down
         self._last_on_ns: int | None = None
         self._answered = True  # nothing to answer yet
         self._trigger = False
@@ -258,7 +264,10 @@ class Responder:
         heard = _Heard(int(pitch), int(velocity), part, int(t_ns))
         with self._lock:
             self._pending.append(heard)
-            self._open.setdefault(heard.pitch, deque()).append(heard)
+            lost = self._open.get(heard.pitch)
+            if lost is not None:  # a key goes down only once: its note-off was lost (an xrun), it ended here
+                lost.off_ns = max(lost.on_ns, heard.on_ns)
+            self._open[heard.pitch] = heard
             self._last_on_ns = heard.on_ns
             self._answered = False
             self._epoch += 1  # an answer being made now answers a phrase that goes on
@@ -271,12 +280,10 @@ class Responder:
 
     def note_off(self, pitch: int, t_ns: int) -> None:
         with self._lock:
-            held = self._open.get(int(pitch))
-            if not held:
+            held = self._open.pop(int(pitch), None)
+            if held is None:
                 return
-            held.popleft().off_ns = int(t_ns)  # first in, first out, as MIDI pairs them
-            if not held:
-                del self._open[int(pitch)]
+            held.off_ns = int(t_ns)
             listening = self._mode != "instrument"
         if listening:
             self._gen_wake.set()
@@ -486,7 +493,7 @@ class Responder:
             if self._answered or self._last_on_ns is None:
                 return None, wait
             stuck = now - STUCK_BEATS * self._beat_ns()
-            if any(h.on_ns > stuck for held in self._open.values() for h in held):
+            if any(h.on_ns > stuck for h in self._open.values()):
                 return None, wait  # a note-off wakes us
             deadline = self._last_on_ns + self._silence * self._beat_ns()
             if now < deadline:

@@ -27,6 +27,7 @@ deletes a recording.
 from __future__ import annotations
 
 import itertools
+from array import array
 import os
 import secrets
 import tempfile
@@ -149,30 +150,45 @@ class SnapshotGate:
 
 
 class SessionRecorder:
-    """Collects the notes of a session, thread-safe (worker and responder)."""
+    """Collects the notes of a session, thread-safe (worker and responder).
 
-    def __init__(self, beats: Callable[[int], float], now: Callable[[], int] = now_ns) -> None:
+    A long session is many notes (an hour at ten notes a second is 36,000,
+    each recorded twice: as played in, and as the part that played it):
+    the ended notes are kept in columns (:class:`array.array`), about 20
+    bytes a note, where a :class:`~coplayer.data.notes.Note` each took some
+    150 bytes; :meth:`score` makes the notes when the session is written.
+    ``keep=False`` (``session.record: false``) keeps nothing at all."""
+
+    def __init__(self, beats: Callable[[int], float], now: Callable[[], int] = now_ns, *,
+                 keep: bool = True) -> None:
         self._beats = beats
         self._now = now
+        self.keep = keep
         self._lock = threading.Lock()
-        self._notes: list[Note] = []
-        self._open: dict[tuple[str | None, int, int], deque[Note]] = {}
+        self._tracks: list[str | None] = []  # the tracks' names, in order of their first note
+        self._track_index: dict[str | None, int] = {}
+        # the ended notes, one column each (ended in this order)
+        self._onset, self._duration = array("d"), array("d")  # beats
+        self._pitch, self._velocity, self._channel = array("B"), array("B"), array("B")
+        self._track = array("H")  # index in _tracks
+        self._open: dict[tuple[str | None, int, int], deque[tuple[float, int]]] = {}  # -> (onset, velocity)
         self._new: list[tuple[float, str | None, Message]] | None = None  # kept for the journal
 
     def message(self, track: str | None, data: Message, t_ns: int) -> None:
         """Take one message of ``track`` (None: the input); notes only."""
         kind = data[0] & 0xF0
-        if data[0] >= 0xF0 or kind not in (0x80, 0x90):
+        if not self.keep or data[0] >= 0xF0 or kind not in (0x80, 0x90):
             return
         self.add(track, data, self._beats(t_ns))
 
     def add(self, track: str | None, data: Message, beat: float) -> None:
         """Take one note message of ``track`` at ``beat``."""
+        if not self.keep:
+            return
         key = (track, data[0] & 0x0F, data[1])
         with self._lock:
             if data[0] & 0xF0 == 0x90 and data[2]:
-                note = Note(data[1], data[2], 0.0, 0.0, onset_beats=beat, part=track, channel=key[1])
-                self._open.setdefault(key, deque()).append(note)
+                self._open.setdefault(key, deque()).append((beat, data[2]))
             else:
                 self._close(key, beat)
             if self._new is not None:
@@ -182,11 +198,20 @@ class SessionRecorder:
         queue = self._open.get(key)
         if not queue:
             return  # a note-off without its note-on: nothing to record
-        note = queue.popleft()
+        onset, velocity = queue.popleft()
         if not queue:
             del self._open[key]
-        note.duration_beats = max(0.0, beat - note.onset_beats)
-        self._notes.append(note)
+        track, channel, pitch = key
+        index = self._track_index.get(track)
+        if index is None:
+            index = self._track_index[track] = len(self._tracks)
+            self._tracks.append(track)
+        self._onset.append(onset)
+        self._duration.append(max(0.0, beat - onset))
+        self._pitch.append(pitch)
+        self._velocity.append(velocity)
+        self._channel.append(channel)
+        self._track.append(index)
 
     def keep_new(self) -> None:
         """From now on, keep every message taken for :meth:`take_new`."""
@@ -209,7 +234,17 @@ class SessionRecorder:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._notes) + sum(len(q) for q in self._open.values())
+            return len(self._onset) + sum(len(q) for q in self._open.values())
+
+    def ended_notes(self) -> list[Note]:
+        """The notes ended so far, in the order they ended."""
+        with self._lock:
+            return self._ended_locked()
+
+    def _ended_locked(self) -> list[Note]:
+        columns = (self._pitch, self._velocity, self._onset, self._duration, self._track, self._channel)
+        return [Note(pitch, velocity, 0.0, 0.0, onset, duration, self._tracks[track], channel)
+                for pitch, velocity, onset, duration, track, channel in zip(*columns)]
 
     def score(self, parts: Sequence[str], bpm: float, end_ns: int | None = None, *,
               end_beat: float | None = None) -> Score:
@@ -219,8 +254,9 @@ class SessionRecorder:
         if end_beat is None:
             end_beat = self._beats(self._now() if end_ns is None else end_ns)
         with self._lock:
-            notes = [_copy(n) for n in self._notes]
-            notes += [_copy(n, max(0.0, end_beat - n.onset_beats)) for q in self._open.values() for n in q]
+            notes = self._ended_locked()
+            notes += [Note(pitch, velocity, 0.0, 0.0, onset, max(0.0, end_beat - onset), track, channel)
+                      for (track, channel, pitch), q in self._open.items() for onset, velocity in q]
         shift = min([0.0, *(n.onset_beats for n in notes)])
         for n in notes:
             n.onset_beats -= shift
@@ -264,8 +300,3 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:  # the folder went: nothing is left to remove
         pass
-
-
-def _copy(note: Note, duration_beats: float | None = None) -> Note:
-    beats = note.duration_beats if duration_beats is None else duration_beats
-    return Note(note.pitch, note.velocity, 0.0, 0.0, note.onset_beats, beats, note.part, note.channel)

@@ -235,7 +235,7 @@ class OnnxEventModel:
         return path
 
     def _open(self, role: str, path, inputs: list[str], outputs: list[str], classes: int | None = None):
-        session = open_session(path, self.card, self._threads, flush_denormals=True)
+        session = open_session(path, self.card, self._threads, flush_denormals=True, arena=False)
         found_in = [i.name for i in session.get_inputs()]
         found_out = [o.name for o in session.get_outputs()]
         if (found_in, found_out) != (inputs, outputs):
