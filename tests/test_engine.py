@@ -981,3 +981,38 @@ def test_a_clean_start_comes_first_on_every_output_and_can_be_switched_off():
     with Rig("midi.clean_start=false") as rig:
         assert rig.port("coplayer soprano").sent() == [(0xC0, 40)]
         assert rig.port("coplayer drums").sent() == []
+
+
+class NoVirtualMemoryPorts(MemoryPorts):
+    """In-memory ports on a MIDI system without virtual ports (Windows' WinMM):
+    only ports that exist (here: any name not asked for as virtual) open."""
+
+    def output(self, name: str, virtual: bool):
+        from coplayer.io.ports import NoVirtualPorts
+
+        if virtual:
+            raise NoVirtualPorts(f"cannot open virtual output {name!r}")
+        return super().output(name, virtual)
+
+
+def test_without_virtual_ports_named_parts_play_and_thru_and_drums_are_left_out_with_one_line(caplog):
+    named = [f"parts[{i}].port=loopMIDI {i}" for i in range(4)]
+    outputs = open_outputs(config(*named), NoVirtualMemoryPorts())
+    assert [t.port.name for t in outputs.parts.values()] == [f"loopMIDI {i}" for i in range(4)]
+    assert outputs.thru is None and outputs.drums is None
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelno == logging.WARNING] == [
+        "no coplayer thru port", "no coplayer drums port"]
+
+
+def test_without_virtual_ports_channels_mode_plays_into_the_named_existing_port():
+    outputs = open_outputs(config("midi.output_mode=channels", "midi.output_port=loopMIDI Port"),
+                           NoVirtualMemoryPorts())
+    assert {t.port.name for t in outputs.parts.values()} == {"loopMIDI Port"}
+    assert outputs.thru.port is outputs.parts["soprano"].port
+
+
+def test_without_virtual_ports_an_unnamed_part_is_refused():
+    from coplayer.io.ports import NoVirtualPorts
+
+    with pytest.raises(NoVirtualPorts):
+        open_outputs(config(), NoVirtualMemoryPorts())

@@ -37,7 +37,7 @@ from coplayer.engine.session import prepare_folder, session_path
 from coplayer.engine.view import LiveView, responses_text, summary_line
 from coplayer.errors import CoplayerError, SessionError
 from coplayer.io.memory import MemoryHub
-from coplayer.io.ports import BaseInput, BaseOutput, Message, PortError, now_ns
+from coplayer.io.ports import BaseInput, BaseOutput, Message, NoVirtualPorts, PortError, now_ns
 
 if TYPE_CHECKING:  # pragma: no cover
     from coplayer.config import Config
@@ -97,6 +97,11 @@ def open_outputs(cfg: "Config", maker) -> Outputs:
     ``output_mode: ports``: a virtual port ``"<client> <part>"`` per part
     (or the part's own ``port``), ``"<client> thru"`` and ``"<client> drums"``;
     ``channels``: everything on ``midi.output_port``, parts by channel.
+
+    Where the MIDI system has no virtual ports (Windows), ``output_port``
+    names an existing one (a loopMIDI port), and in mode ``ports`` the
+    pass-through and drums ports are left out, with one line: the parts,
+    each named in ``parts[N].port``, still play.
     """
     midi, opened = cfg.midi, {}
 
@@ -106,13 +111,27 @@ def open_outputs(cfg: "Config", maker) -> Outputs:
         return opened[name]
 
     def own(suffix: str) -> BaseOutput:  # "coplayer soprano", or the one shared port
-        return port(midi.output_port if midi.output_mode == "channels" else f"{midi.client_name} {suffix}")
+        if midi.output_mode != "channels":
+            return port(f"{midi.client_name} {suffix}")
+        try:
+            return port(midi.output_port)
+        except NoVirtualPorts:
+            return port(midi.output_port, False)
+
+    def extra(suffix: str) -> Target | None:  # the pass-through and drums ports: not where none can be made
+        try:
+            return Target(None, own(suffix), None)
+        except NoVirtualPorts:
+            log.warning("no %s %s port: this MIDI system has no virtual ports (%s)", midi.client_name, suffix,
+                        "the drum channel is not played" if suffix == "drums" else
+                        "in mode respond your notes go to the parts; nothing else is passed through")
+            return None
 
     try:
         parts = {p.name: Target(p.name, port(p.port, False) if p.port else own(p.name), p.channel - 1)
                  for p in cfg.parts}
-        thru = Target(None, own("thru"), None)
-        drums = None if midi.drum_channel is None else Target(None, own("drums"), None)
+        thru = extra("thru")
+        drums = None if midi.drum_channel is None else extra("drums")
     except BaseException:
         _close(opened.values())
         raise

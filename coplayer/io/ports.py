@@ -35,6 +35,7 @@ __all__ = [
     "BaseOutput",
     "Message",
     "OpenPorts",
+    "NoVirtualPorts",
     "PortError",
     "PortNotFoundError",
     "as_message",
@@ -81,6 +82,10 @@ SUSTAIN, RESET_CONTROLLERS, ALL_SOUND_OFF, ALL_NOTES_OFF = 64, 121, 120, 123
 
 class PortError(CoplayerError, OSError):
     """A MIDI backend failed: it cannot open, a port vanished, a send failed."""
+
+
+class NoVirtualPorts(PortError):
+    """This computer's MIDI system cannot make virtual ports (Windows' WinMM)."""
 
 
 def not_found(kind: str, wanted: str, available: Iterable[str], matches: int = 0) -> PortNotFoundError:

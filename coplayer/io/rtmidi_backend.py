@@ -29,7 +29,7 @@ import time
 
 import rtmidi
 
-from coplayer.io.ports import BaseInput, BaseOutput, Message, OpenPorts, PortError, find_port, now_ns
+from coplayer.io.ports import BaseInput, BaseOutput, Message, NoVirtualPorts, OpenPorts, PortError, find_port, now_ns
 
 __all__ = ["APIS", "RtMidiInput", "RtMidiOutput", "compiled_apis", "list_ports", "resolve_api"]
 
@@ -136,7 +136,7 @@ class _RtMidiPort:
         try:
             if virtual:
                 if self.api == "winmm":
-                    raise PortError(f"cannot open virtual {kind} {self.name!r}: {LOOPMIDI_HINT}")
+                    raise NoVirtualPorts(f"cannot open virtual {kind} {self.name!r}: {LOOPMIDI_HINT}")
                 rt.open_virtual_port(self.name)
             else:
                 names = rt.get_ports()
