@@ -111,13 +111,18 @@ def test_a_signal_releases_every_note(tmp_path, monkeypatch, signum):
     monkeypatch.setattr(live_module, "ports_for", lambda cfg: ports)
     cfg = load_config(str(packaged_config()), ["midi.backend=memory", "osc.enabled=false", "session.record=false",
                                                "mode=instrument"])
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signum))
+    def signal_once_all_sound() -> None:  # not after a fixed time: a busy machine starts slower
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(
+                1 for p in list(ports.hub.outputs.values()) for m in p.sent() if m[0] & 0xF0 == 0x90 and m[2]) < 3:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    timer = threading.Thread(target=signal_once_all_sound, daemon=True)
     timer.start()
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        assert run(cfg, input_file=str(piece), quiet=True, model="zone") == 0
-    finally:
-        timer.cancel()
+    assert run(cfg, input_file=str(piece), quiet=True, model="zone") == 0
+    timer.join(5)
     assert signal.getsignal(signal.SIGTERM) == previous
     parts = [ports.hub.output(f"coplayer {p}") for p in cfg.part_names]
     ons = [m for p in parts for m in p.sent() if m[0] & 0xF0 == 0x90 and m[2]]
