@@ -147,7 +147,7 @@ def test_run_with_a_damaged_npz_as_its_model_falls_back_with_one_line(tmp_path):
     assert result.returncode == 0, result.stderr
     (line,) = one_line_about(result.stdout + result.stderr, "continue-markov")
     assert "markov-live" in line
-    assert "decision latency per note: 4 notes" in result.stdout
+    assert played_or_dropped(result.stdout) == 4
 
 
 def both_continuation_models_damaged(tmp_path: Path, monkeypatch) -> Path:
@@ -283,7 +283,7 @@ def test_run_with_a_damaged_instrumentation_model_falls_back_with_one_line(kind,
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     one_line_about(result.stdout + result.stderr, named)
-    assert "decision latency per note: 4 notes" in result.stdout
+    assert played_or_dropped(result.stdout) == 4
 
 
 def test_continue_instruments_with_the_fallback_when_the_instrumentation_model_is_damaged(tmp_path, caplog):
@@ -349,3 +349,13 @@ def test_run_with_the_instrumentation_model_and_its_fallback_damaged_still_plays
     tracks = mido.MidiFile(session).tracks
     assert sum(1 for m in tracks[-1] if m.type == "note_on" and m.velocity) == 4  # the input, recorded
     assert sum(1 for t in tracks[1:5] for m in t if m.type == "note_on" and m.velocity) >= 4
+
+
+def played_or_dropped(stdout: str) -> int:
+    """The notes of the exit line: decided, plus those dropped as too late
+    (the overload bound drops a note that waited past the budget on a busy machine)."""
+    import re
+
+    played = int(re.search(r"decision latency per note: (\d+) notes", stdout).group(1))
+    dropped = re.search(r"(\d+) dropped as too late", stdout)
+    return played + (int(dropped.group(1)) if dropped else 0)
